@@ -1,0 +1,97 @@
+"""PEFT LoRA directory -> llama.cpp LoRA adapter GGUF (what convert_lora_to_gguf.py writes).
+
+The adapter file carries general.type = "adapter", the base model's general.architecture,
+adapter.type = "lora", adapter.lora.alpha, and per adapted weight `<base>.lora_a` [r, in] and
+`<base>.lora_b` [out, r] (numpy order), where `<base>` is the backbone GGUF's tensor name.
+llama.cpp applies `W x + scale * alpha / r * B (A x)`, PEFT `W x + lora_alpha / r * B (A x)`:
+the same with alpha = lora_alpha (rsLoRA's lora_alpha / sqrt(r) is folded into alpha).
+B's rows follow the backbone GGUF's row order (the rope permutation of attn_q / attn_k).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from engram_local import constants
+
+from .registry import BackboneArch
+from .tensors import write_gguf
+
+# base_model.model.<module>.lora_A[.<adapter name>].weight
+_PEFT_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+
+
+def read_peft_config(adapter_dir: Path) -> dict:
+    path = adapter_dir / "adapter_config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json (not a PEFT adapter directory)")
+    cfg = json.loads(path.read_text())
+    problems = []
+    if cfg.get("peft_type", "LORA") != "LORA":
+        problems.append(f"peft_type {cfg['peft_type']!r} (only LORA)")
+    if cfg.get("use_dora"):
+        problems.append("DoRA (use_dora)")
+    if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+        problems.append("per-module rank_pattern / alpha_pattern (llama.cpp has one alpha)")
+    if cfg.get("modules_to_save"):
+        problems.append(f"modules_to_save {cfg['modules_to_save']} (full module copies)")
+    if cfg.get("bias", "none") != "none":
+        problems.append(f"bias {cfg['bias']!r}")
+    if problems:
+        raise ValueError(f"{adapter_dir}: this LoRA cannot be a llama.cpp adapter: {'; '.join(problems)}")
+    return cfg
+
+
+def write_lora_adapter(adapter_dir: Path, arch: BackboneArch, hf_config: dict, dest: Path) -> None:
+    """Convert the PEFT LoRA in `adapter_dir` for a backbone of `arch` / `hf_config` to `dest`."""
+    from safetensors import safe_open
+
+    adapter_dir = Path(adapter_dir)
+    cfg = read_peft_config(adapter_dir)
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{adapter_dir}: no adapter_model.safetensors")
+
+    pairs: dict[str, dict[str, np.ndarray]] = {}
+    with safe_open(str(weights), framework="pt") as f:
+        for key in f.keys():
+            m = _PEFT_KEY.match(key)
+            if m is None:
+                raise ValueError(f"{weights}: tensor {key!r} is not a LoRA A/B matrix of a linear layer")
+            module = m["module"]
+            base = arch.gguf_tensor_name(module + ".weight", hf_config)
+            if base is None or base.startswith("token_embd") or base.startswith("output."):
+                # Embedding LoRAs need llama.cpp's transposed special case; not supported here.
+                raise ValueError(f"{weights}: LoRA on {module!r} has no llama.cpp projection to attach to")
+            pairs.setdefault(base, {})[m["ab"]] = f.get_tensor(key).float().numpy()
+
+    ranks = set()
+    for base, pair in pairs.items():
+        if set(pair) != {"A", "B"}:
+            raise ValueError(f"{weights}: {base} has lora_{''.join(pair)} only")
+        if pair["A"].shape[0] != pair["B"].shape[1]:
+            raise ValueError(f"{weights}: {base}: A {pair['A'].shape} and B {pair['B'].shape} ranks differ")
+        ranks.add(pair["A"].shape[0])
+    if not pairs:
+        raise ValueError(f"{weights}: no LoRA tensors")
+    alpha = float(cfg.get("lora_alpha", 8))
+    if cfg.get("use_rslora"):
+        if len(ranks) != 1:
+            raise ValueError(f"{adapter_dir}: rsLoRA with mixed ranks {sorted(ranks)} cannot be one alpha")
+        alpha *= math.sqrt(ranks.pop())     # PEFT scale alpha / sqrt(r) == (alpha * sqrt(r)) / r
+
+    writer = gguf.GGUFWriter(None, arch.name)
+    writer.add_type(constants.ADAPTER_GENERAL_TYPE)
+    writer.add_string(constants.KEY_ADAPTER_TYPE, constants.ADAPTER_TYPE_LORA)
+    writer.add_float32(constants.KEY_ADAPTER_LORA_ALPHA, alpha)
+    for base in sorted(pairs):
+        a, b = pairs[base]["A"], arch.to_gguf_rows(base, pairs[base]["B"], hf_config)
+        writer.add_tensor(constants.TENSOR_LORA_A.format(base=base), np.ascontiguousarray(a, np.float32))
+        writer.add_tensor(constants.TENSOR_LORA_B.format(base=base), np.ascontiguousarray(b, np.float32))
+    write_gguf(writer, dest)

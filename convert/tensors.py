@@ -1,0 +1,123 @@
+"""Writing GGUF tensors row chunk by row chunk, with a progress bar for the large ones.
+
+gguf-py's GGUFWriter keeps every added tensor in memory until `write_tensors_to_file`, which
+calls `tensor.tofile(fout)` on each. `StreamedTensor` provides that interface but produces its
+bytes only then, a bounded chunk of rows at a time (read, convert, quantize, write): a table of
+many gigabytes is never held whole, and its progress is visible while it is written.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import gguf
+import numpy as np
+
+from engram_local import constants
+
+# Rows per chunk are chosen so one chunk of float32 input is about this large.
+CHUNK_BYTES = 32 << 20
+# Tensors at least this large (output bytes) get their own progress bar.
+PROGRESS_MIN_BYTES = 16 << 20
+
+# Storage types by their command-line names (f32, f16, bf16, q8_0, q4_0).
+QTYPES = {name: gguf.GGMLQuantizationType(q) for name, q in constants.TABLE_QTYPES.items()}
+
+
+def check_row_width(qtype: gguf.GGMLQuantizationType, width: int, what: str):
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    if width % block:
+        raise ValueError(f"{what}: {qtype.name} stores rows in blocks of {block} values; rows of "
+                         f"{width} values are not a multiple of that")
+
+
+def encode_rows(rows: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+    """float32 rows [n, width] -> the bytes gguf stores: float32/float16 arrays, uint8 otherwise."""
+    return gguf.quants.quantize(np.ascontiguousarray(rows, dtype=np.float32), qtype)
+
+
+class StreamedTensor:
+    """Tensor data of `n_rows` x `width` values made at write time from `read_rows(start, stop)`.
+
+    `read_rows` returns float32 rows [stop - start, width]; each chunk is encoded as `qtype`.
+    """
+
+    def __init__(self, name: str, n_rows: int, width: int, qtype: gguf.GGMLQuantizationType,
+                 read_rows: Callable[[int, int], np.ndarray], progress: bool = True):
+        check_row_width(qtype, width, f"tensor {name}")
+        block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        self.name, self.n_rows, self.width, self.qtype = name, n_rows, width, qtype
+        self.row_bytes = width // block * type_size
+        self.nbytes = n_rows * self.row_bytes
+        self._read_rows, self._progress = read_rows, progress
+        if qtype == gguf.GGMLQuantizationType.F32:
+            self.dtype, self.shape = np.dtype(np.float32), (n_rows, width)
+        elif qtype == gguf.GGMLQuantizationType.F16:
+            self.dtype, self.shape = np.dtype(np.float16), (n_rows, width)
+        else:   # the writer turns a uint8 byte shape into the element shape for block types
+            self.dtype, self.shape = np.dtype(np.uint8), (n_rows, self.row_bytes)
+
+    def add_to(self, writer: gguf.GGUFWriter):
+        raw = None if self.qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16) \
+            else self.qtype
+        writer.add_tensor(self.name, self, raw_dtype=raw)
+
+    def tofile(self, fout):
+        """Called once by GGUFWriter.write_tensors_to_file at this tensor's data offset."""
+        rows_per_chunk = max(1, CHUNK_BYTES // max(1, self.width * 4))
+        bar = None
+        if self._progress and self.nbytes >= PROGRESS_MIN_BYTES:
+            from tqdm import tqdm
+            # disable=None: a bar on a terminal, silence in logs and pipes.
+            bar = tqdm(total=self.nbytes, unit="B", unit_scale=True, desc=self.name, leave=False,
+                       disable=None)
+        try:
+            for start in range(0, self.n_rows, rows_per_chunk):
+                stop = min(self.n_rows, start + rows_per_chunk)
+                rows = self._read_rows(start, stop)
+                if rows.shape != (stop - start, self.width):
+                    raise ValueError(f"tensor {self.name}: rows {start}:{stop} came back with shape "
+                                     f"{rows.shape}, expected {(stop - start, self.width)}")
+                data = encode_rows(rows, self.qtype)
+                data.tofile(fout)
+                if bar is not None:
+                    bar.update(data.nbytes)
+        finally:
+            if bar is not None:
+                bar.close()
+
+
+def add_matrix(writer: gguf.GGUFWriter, name: str, values: np.ndarray,
+               qtype: gguf.GGMLQuantizationType, progress: bool = True):
+    """Add an in-memory 2-D float array (numpy order [rows, width]) encoded as `qtype`.
+
+    1-D tensors (norm scales) are added with `writer.add_tensor` as float32: llama.cpp keeps
+    them unquantized.
+    """
+    values = np.asarray(values, dtype=np.float32)
+    StreamedTensor(name, values.shape[0], values.shape[1], qtype,
+                   lambda a, b: values[a:b], progress).add_to(writer)
+
+
+def write_gguf(writer: gguf.GGUFWriter, dest: Path, finish: Callable[[Path], None] | None = None):
+    """Write `writer` to `dest` atomically: into a temporary file beside it, then renamed.
+
+    `finish(tmp_path)` runs on the complete temporary file before the rename (e.g. to patch a
+    checksum into the header), so a reader never sees a half-written or unpatched file.
+    """
+    dest = Path(dest)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    try:
+        writer.write_header_to_file(tmp)
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file(progress=False)
+        writer.close()
+        if finish is not None:
+            finish(tmp)
+        os.replace(tmp, dest)
+    finally:
+        writer.close()
+        if tmp.exists():
+            tmp.unlink()

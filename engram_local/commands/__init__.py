@@ -1,0 +1,1 @@
+"""Click commands, one module per area; engram_local.cli assembles them into the group."""

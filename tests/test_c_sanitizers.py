@@ -1,0 +1,34 @@
+"""The C tests of the kernel (native/tests/test_engram.c) under AddressSanitizer + UBSan.
+
+Runs the sequence documented in docs/native.md in a temporary build directory:
+  cmake -S . -B build-asan -DENGRAM_BUILD_TESTS=ON -DENGRAM_SANITIZE=ON
+  cmake --build build-asan && ctest --test-dir build-asan --output-on-failure
+"""
+
+import pathlib
+import shutil
+import subprocess
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def run(cmd):
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None or shutil.which("ctest") is None,
+                    reason="cmake/ctest not installed")
+def test_c_tests_pass_under_sanitizers(tmp_path):
+    if not (ROOT / "native" / "tests" / "test_engram.c").exists():
+        pytest.skip("not a source checkout (native/tests missing)")
+    build = tmp_path / "build-asan"
+    generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+    run(["cmake", "-S", ".", "-B", build, *generator,
+         "-DENGRAM_BUILD_TESTS=ON", "-DENGRAM_SANITIZE=ON"])
+    run(["cmake", "--build", build])
+    out = run(["ctest", "--test-dir", build, "--output-on-failure"])
+    assert "100% tests passed" in out
