@@ -31,26 +31,17 @@ QTYPES = {"Q8_0": gguf.GGMLQuantizationType.Q8_0, "F16": gguf.GGMLQuantizationTy
 
 
 def write_table(path: Path, name: str, qtype, n_rows: int, dim: int, rng) -> None:
-    """A random table written straight in its stored form (no float32 copy of the whole table)."""
+    """A random table in its stored form: F16 normals, or Q8_0 blocks (f16 scale, int8 quants)."""
     w = gguf.GGUFWriter(str(path), "engram-bench")
-    row_bytes = native.row_bytes(int(qtype), dim)
     if qtype == gguf.GGMLQuantizationType.F16:
-        w.add_tensor_info(name, (n_rows, dim), np.dtype(np.float16), n_rows * row_bytes)
-    else:   # byte shape; the writer converts it to the element shape
-        w.add_tensor_info(name, (n_rows, row_bytes), np.dtype(np.uint8), n_rows * row_bytes, raw_dtype=qtype)
+        w.add_tensor(name, rng.standard_normal((n_rows, dim), dtype=np.float32).astype(np.float16))
+    else:
+        data = rng.integers(0, 256, size=(n_rows, dim // 32, 34), dtype=np.uint8)
+        data[:, :, 0:2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+        w.add_tensor(name, data.reshape(n_rows, -1), raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    chunk = 1 << 18
-    for s in range(0, n_rows, chunk):
-        n = min(chunk, n_rows - s)
-        if qtype == gguf.GGMLQuantizationType.F16:
-            block = rng.standard_normal((n, dim)).astype(np.float16)
-        else:  # Q8_0 blocks: f16 scale then 32 int8 quants
-            block = rng.integers(0, 256, size=(n, row_bytes), dtype=np.uint8)
-            blocks = block.reshape(n, -1, 34)
-            blocks[:, :, 0:2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
-        w.write_tensor_data(block)
+    w.write_tensors_to_file()
     w.close()
 
 

@@ -154,7 +154,9 @@ class Llama(BackboneArch):
         writer = gguf.GGUFWriter(None, self.name)
         self._add_hparams(writer, cfg, src, outtype)
         tokens = self._add_tokenizer(writer, src, int(cfg["vocab_size"]))
-        embed_rows = weights.shape("model.embed_tokens.weight")[0] if "model.embed_tokens.weight" in weights.location else None
+        if "model.embed_tokens.weight" not in weights.location:
+            raise ValueError(f"{src}: no model.embed_tokens.weight")
+        embed_rows = weights.shape("model.embed_tokens.weight")[0]
         if embed_rows != len(tokens):
             raise ValueError(f"{src}: the embedding has {embed_rows} rows but config vocab_size is {len(tokens)}")
         self._add_tensors(writer, weights, cfg, src, outtype, progress)
@@ -165,7 +167,7 @@ class Llama(BackboneArch):
         hidden = int(cfg["hidden_size"])
         head_dim = int(cfg.get("head_dim") or hidden // n_head)
         rope = cfg.get("rope_parameters") or {}
-        w.add_name(cfg.get("_name_or_path") or src.name)
+        w.add_name(src.name)
         w.add_context_length(int(cfg.get("max_position_embeddings", 2048)))
         w.add_embedding_length(hidden)
         w.add_feed_forward_length(int(cfg["intermediate_size"]))

@@ -70,9 +70,14 @@ def checkpoint_files(checkpoint_dir: Path) -> list[Path]:
 
 
 def source_digest(checkpoint_dir: Path, table_type: str, outtype: str | None) -> str:
-    """xxh3_64 (hex) of what a conversion depends on: checkpoint files, options, format version."""
+    """xxh3_64 (hex) of what a conversion depends on: checkpoint files, options, format version,
+    and a GGUF backbone's identity (path, size, mtime: a reinstalled package file is relinked)."""
     h = xxhash.xxh3_64()
     h.update(json.dumps([constants.SIDECAR_FORMAT_VERSION, table_type, outtype]).encode())
+    backbone = resolve_backbone(checkpoint_dir)
+    if backbone.is_file():
+        st = backbone.stat()
+        h.update(f"{backbone.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
     for path in checkpoint_files(checkpoint_dir):
         h.update(path.relative_to(checkpoint_dir).as_posix().encode() + b"\0")
         with open(path, "rb") as f:
@@ -99,7 +104,8 @@ def convert_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *,
     backbone is used as it is, so outtype must then be None.
     """
     from engram_local import checkpoint
-    from engram_local.gguf_io import ArraySummary, GGUFFormatError, open_sidecar, scan_gguf
+    from engram_local.gguf_io import ArraySummary, scan_gguf
+    from engram_local.model import read_engram_config
 
     src, out_dir = Path(src), Path(out_dir)
     if not checkpoint.is_checkpoint(src):
@@ -141,26 +147,22 @@ def convert_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *,
             log(f"backbone: {backbone_src} -> {constants.MODEL_DIR_BACKBONE} ({arch.name}, {outtype})")
             arch.write_backbone(backbone_src, backbone, outtype, progress=progress)
 
-        header = scan_gguf(backbone)
-        fields = header.fields
-        key = lambda k: k.format(arch=arch.name)   # noqa: E731
+        fields = scan_gguf(backbone).fields
+        key = lambda k: fields.get(k.format(arch=arch.name))   # noqa: E731
+        width, n_layers = key(gguf.Keys.LLM.EMBEDDING_LENGTH), key(gguf.Keys.LLM.BLOCK_COUNT)
+        cfg = read_engram_config(src)
+        if width != cfg.hidden_size:
+            raise ValueError(f"{src}: the Engram writes into width {cfg.hidden_size}, the backbone "
+                             f"{backbone_src} has width {width}")
+        if max(cfg.layer_ids) >= (n_layers or 0):
+            raise ValueError(f"{src}: Engram layers {cfg.layer_ids} do not exist in the backbone's "
+                             f"{n_layers} layers")
         tokens = fields.get(gguf.Keys.Tokenizer.LIST)
         vocab_size = tokens.count if isinstance(tokens, ArraySummary) else len(tokens or [])
         log(f"engram:   {src} -> {constants.MODEL_DIR_ENGRAM} (tables {table_type.upper()})")
         write_sidecar(src, work / constants.MODEL_DIR_ENGRAM, table_type=table_type,
                       backbone_arch=arch.name, vocab_size=vocab_size, source_digest=digest,
                       progress=progress)
-        sidecar = open_sidecar(work / constants.MODEL_DIR_ENGRAM)
-        cfg = sidecar.config
-        sidecar.close()
-        width = fields.get(key(gguf.Keys.LLM.EMBEDDING_LENGTH))
-        n_layers = fields.get(key(gguf.Keys.LLM.BLOCK_COUNT))
-        if width != cfg.hidden_size:
-            raise GGUFFormatError(f"{src}: the Engram writes into width {cfg.hidden_size}, the backbone "
-                                  f"{backbone_src} has width {width}")
-        if max(cfg.layer_ids) >= (n_layers or 0):
-            raise GGUFFormatError(f"{src}: Engram layers {cfg.layer_ids} do not exist in the backbone's "
-                                  f"{n_layers} layers")
 
         adapter_dir = src / constants.CHECKPOINT_ADAPTER_DIR
         if adapter_dir.is_dir():
@@ -210,7 +212,7 @@ def ensure_default_model_dir(model_dir: Path, log: Log = _stderr) -> Path:
     src = Path(checkpoint.DEFAULT_CHECKPOINT)
     if not checkpoint.is_checkpoint(src):
         raise FileNotFoundError(f"the default Engram weights are missing from this installation "
-                                f"({src}); pass -m MODEL_DIR")
+                                f"({src}); name a MODEL_DIR explicitly")
     digest = source_digest(src, constants.DEFAULT_TABLE_TYPE, None)
     if default_model_is_current(model_dir, digest):
         return model_dir

@@ -11,7 +11,9 @@ import sys
 import click
 
 from engram_local.commands import convert as convert_cmds
+from engram_local.commands import memory as memory_cmds
 from engram_local.commands import model as model_cmds
+from engram_local.commands import run as run_cmds
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -33,6 +35,10 @@ main.add_command(model_cmds.perplexity)
 main.add_command(model_cmds.retrofit)
 main.add_command(convert_cmds.convert)
 main.add_command(convert_cmds.inspect)
+main.add_command(memory_cmds.remember)
+main.add_command(memory_cmds.facts)
+main.add_command(memory_cmds.forget)
+main.add_command(run_cmds.run)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -23,6 +23,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import gguf
@@ -287,7 +288,7 @@ def describe_arch_mismatch(header: GGUFHeader, wanted: str) -> str:
 # --------------------------------------------------------------------------- typed fields
 
 def _field(header: GGUFHeader, key: str, kind: str, required: bool = True):
-    """A field's value checked against `kind`: uint, int, float, str, bool, int_list."""
+    """A field's value checked against `kind`: uint, int, float, str, int_list."""
     if key not in header.fields:
         if required:
             raise GGUFFormatError(f"{header.path}: missing key {key!r}")
@@ -298,7 +299,6 @@ def _field(header: GGUFHeader, key: str, kind: str, required: bool = True):
         "int": vtype in _INT_TYPES,
         "float": vtype in (gguf.GGUFValueType.FLOAT32, gguf.GGUFValueType.FLOAT64),
         "str": vtype == gguf.GGUFValueType.STRING,
-        "bool": vtype == gguf.GGUFValueType.BOOL,
         "int_list": vtype == gguf.GGUFValueType.ARRAY and isinstance(value, list)
         and all(isinstance(v, int) and not isinstance(v, bool) for v in value),
     }[kind]
@@ -330,10 +330,21 @@ class Sidecar:
     fingerprint: int
     source_digest: str | None
     backbone_arch: str
-    config: Any                                   # engram_local.model.EngramConfig
-    table_types: dict[int, int]                   # layer -> ggml type of its table
+    settings: dict                # EngramConfig keyword arguments, as stored in the file
+    layout: Any                   # engram_local.hashing.NgramHashLayout of those settings
     _data: np.ndarray | None = field(default=None, repr=False)   # uint8 view of the whole file
     _mmap: mmap.mmap | None = field(default=None, repr=False)
+
+    @property
+    def config(self):
+        """The EngramConfig (engram_local.model imports torch: used only to build models)."""
+        from engram_local.model import EngramConfig
+
+        return EngramConfig(**self.settings)
+
+    @property
+    def layer_ids(self) -> list[int]:
+        return list(self.layout.layer_ids)
 
     # ---------------------------------------------------------------- raw access
     def _bytes(self) -> np.ndarray:
@@ -391,15 +402,15 @@ class Sidecar:
     # ---------------------------------------------------------------- fingerprint
     def compute_fingerprint(self) -> int:
         """xxh3_64 of the hash configuration and table bytes, streamed from the file mapping."""
-        cfg = self.config
+        s = self.settings
         h = xxhash.xxh3_64()
         h.update(constants.FINGERPRINT_MAGIC)
-        h.update(_i64(constants.FINGERPRINT_VERSION, cfg.max_ngram_size, cfg.n_head_per_ngram,
-                      cfg.head_dim, cfg.pad_id, cfg.compressed_vocab_size, len(cfg.layer_ids)))
+        h.update(_i64(constants.FINGERPRINT_VERSION, s["max_ngram_size"], s["n_head_per_ngram"],
+                      s["head_dim"], s["pad_id"], s["compressed_vocab_size"], len(s["layer_ids"])))
         cmap = self.canonical_map()
         h.update(_i64(cmap.shape[0]))
         h.update(np.ascontiguousarray(cmap, dtype="<i8"))
-        for layer in cfg.layer_ids:
+        for layer in s["layer_ids"]:
             info = self.header.tensors[self.table_name(layer)]
             h.update(_i64(layer, info.qtype, info.shape[1], info.shape[0]))
             for name in (constants.TENSOR_MULTIPLIERS, constants.TENSOR_PRIMES, constants.TENSOR_OFFSETS):
@@ -429,7 +440,7 @@ def _i64(*values: int) -> bytes:
 
 def open_sidecar(path: str | os.PathLike) -> Sidecar:
     """Validate and map an Engram sidecar; every problem raises GGUFFormatError with the path."""
-    from engram_local.model import EngramConfig
+    from engram_local.hashing import NgramHashLayout
 
     header = scan_gguf(path)
     where = header.path
@@ -445,45 +456,47 @@ def open_sidecar(path: str | os.PathLike) -> Sidecar:
                               f"(this engram-local reads version {constants.SIDECAR_FORMAT_VERSION}); "
                               "re-create the model directory with `engram-local convert`")
 
-    layer_ids = _field(header, constants.KEY_LAYER_IDS, "int_list")
-    vocab_sizes = _field(header, constants.KEY_VOCAB_PER_NGRAM, "int_list")
+    # EngramConfig's fields (engram_local.model), read without importing torch.
+    settings = dict(
+        hidden_size=_field(header, constants.KEY_HIDDEN, "uint"),
+        compressed_vocab_size=_field(header, constants.KEY_COMPRESSED_VOCAB, "uint"),
+        pad_id=_field(header, constants.KEY_PAD_ID, "uint"),
+        layer_ids=list(_field(header, constants.KEY_LAYER_IDS, "int_list")),
+        write_layer=_field(header, constants.KEY_WRITE_LAYER, "int"),
+        max_ngram_size=_field(header, constants.KEY_MAX_NGRAM, "uint"),
+        n_head_per_ngram=_field(header, constants.KEY_N_HEAD, "uint"),
+        head_dim=_field(header, constants.KEY_HEAD_DIM, "uint"),
+        vocab_size_per_ngram=list(_field(header, constants.KEY_VOCAB_PER_NGRAM, "int_list")),
+        seed=_field(header, constants.KEY_SEED, "uint"),
+        kernel_size=_field(header, constants.KEY_KERNEL_SIZE, "uint"),
+        norm_eps=float(_field(header, constants.KEY_NORM_EPS, "float")))
     try:
-        cfg = EngramConfig(
-            hidden_size=_field(header, constants.KEY_HIDDEN, "uint"),
-            compressed_vocab_size=_field(header, constants.KEY_COMPRESSED_VOCAB, "uint"),
-            pad_id=_field(header, constants.KEY_PAD_ID, "uint"),
-            layer_ids=list(layer_ids),
-            write_layer=_field(header, constants.KEY_WRITE_LAYER, "int"),
-            max_ngram_size=_field(header, constants.KEY_MAX_NGRAM, "uint"),
-            n_head_per_ngram=_field(header, constants.KEY_N_HEAD, "uint"),
-            head_dim=_field(header, constants.KEY_HEAD_DIM, "uint"),
-            vocab_size_per_ngram=list(vocab_sizes),
-            seed=_field(header, constants.KEY_SEED, "uint"),
-            kernel_size=_field(header, constants.KEY_KERNEL_SIZE, "uint"),
-            norm_eps=float(_field(header, constants.KEY_NORM_EPS, "float")))
-        if cfg.write_layer not in cfg.layer_ids:
-            raise ValueError(f"write layer {cfg.write_layer} is not one of the layers {cfg.layer_ids}")
-        if min(cfg.hidden_size, cfg.head_dim, cfg.kernel_size) < 1:
+        if settings["write_layer"] not in settings["layer_ids"]:
+            raise ValueError(f"write layer {settings['write_layer']} is not one of the layers "
+                             f"{settings['layer_ids']}")
+        if min(settings["hidden_size"], settings["head_dim"], settings["kernel_size"]) < 1:
             raise ValueError("hidden size, head dim and kernel size must be >= 1")
-        layout = cfg.layout()
-    except (ValueError, TypeError) as exc:
-        if isinstance(exc, GGUFFormatError):
-            raise
+        layout = NgramHashLayout(settings["compressed_vocab_size"], settings["max_ngram_size"],
+                                 settings["n_head_per_ngram"], settings["vocab_size_per_ngram"],
+                                 settings["layer_ids"], settings["pad_id"], settings["seed"])
+    except ValueError as exc:
         raise GGUFFormatError(f"{where}: invalid Engram configuration: {exc}") from exc
 
     sidecar = Sidecar(path=where, header=header, format_version=version,
                       fingerprint=_field(header, constants.KEY_FINGERPRINT, "uint"),
                       source_digest=_field(header, constants.KEY_SOURCE_DIGEST, "str", required=False),
                       backbone_arch=_field(header, constants.KEY_BACKBONE_ARCH, "str"),
-                      config=cfg, table_types={})
-    _check_sidecar_tensors(sidecar, layout)
+                      settings=settings, layout=layout)
+    _check_sidecar_tensors(sidecar)
     return sidecar
 
 
-def _check_sidecar_tensors(sidecar: Sidecar, layout):
+def _check_sidecar_tensors(sidecar: Sidecar):
     """Every tensor present with the type and shape the configuration implies, nothing else."""
-    cfg, header, where = sidecar.config, sidecar.header, sidecar.path
-    D, E, N, K = cfg.hidden_size, cfg.memory_dim, cfg.max_ngram_size, cfg.n_head_per_ngram
+    cfg, layout = SimpleNamespace(**sidecar.settings), sidecar.layout
+    header, where = sidecar.header, sidecar.path
+    D, N, K = cfg.hidden_size, cfg.max_ngram_size, cfg.n_head_per_ngram
+    E = (N - 1) * K * cfg.head_dim          # width of the concatenated memory vector
     F32, I64 = int(gguf.GGMLQuantizationType.F32), int(gguf.GGMLQuantizationType.I64)
     # numpy shapes (rows first); None = checked separately
     expected: dict[str, tuple[tuple[int, ...] | None, set[int]]] = {
@@ -525,7 +538,6 @@ def _check_sidecar_tensors(sidecar: Sidecar, layout):
             if not np.array_equal(sidecar.tensor(name.format(layer=layer)), args[role]):
                 raise GGUFFormatError(f"{where}: layer {layer} {role} disagree with the hash "
                                       "configuration (corrupt file?)")
-        sidecar.table_types[layer] = header.tensors[sidecar.table_name(layer)].qtype
 
 
 # --------------------------------------------------------------------------- LoRA adapters
@@ -639,7 +651,7 @@ def describe_backbone(header: GGUFHeader) -> dict:
 
 
 def describe_sidecar(sidecar: Sidecar) -> dict:
-    cfg = sidecar.config
+    cfg = SimpleNamespace(**sidecar.settings)
     layers = []
     for layer in cfg.layer_ids:
         info = sidecar.header.tensors[sidecar.table_name(layer)]
@@ -673,27 +685,16 @@ def describe_adapter(header: GGUFHeader) -> dict:
 
 def describe_overrides(path: str | os.PathLike) -> dict:
     """An .eov file: the model fingerprint it binds to, rows per layer, facts in its ledger."""
-    import json
-
-    from engram_local.overrides import open_override_file
+    from engram_local.overrides import read_memory_file
 
     header = scan_gguf(path)
     if header.architecture != constants.EOV_ARCH:
         raise GGUFFormatError(describe_arch_mismatch(header, "a user memory (.eov) file"))
-    sets = open_override_file(path)         # validates the file
-    ledger = header.fields.get(constants.KEY_EOV_LEDGER)
-    facts = None
-    if isinstance(ledger, str):
-        try:
-            entries = json.loads(ledger)
-        except ValueError:
-            raise GGUFFormatError(f"{header.path}: {constants.KEY_EOV_LEDGER} is not valid JSON") from None
-        # The ledger is a list of facts, or an object holding one under "facts".
-        entries = entries.get("facts") if isinstance(entries, dict) else entries
-        facts = len(entries) if isinstance(entries, list) else None
+    memory = read_memory_file(path)         # validates the rows and the ledger
     return {
         "path": str(header.path), "format_version": header.fields.get(constants.KEY_EOV_VERSION),
-        "fingerprint": f"{header.fields[constants.KEY_EOV_FINGERPRINT]:#018x}",
-        "layers": {str(layer): len(s) for layer, s in sorted(sets.items())},
-        "rows": sum(len(s) for s in sets.values()), "facts": facts, "size_bytes": header.file_size,
+        "fingerprint": f"{memory.fingerprint:#018x}",
+        "layers": {str(layer): len(s) for layer, s in sorted(memory.layers.items())},
+        "rows": sum(len(s) for s in memory.layers.values()), "facts": len(memory.facts),
+        "size_bytes": header.file_size,
     }

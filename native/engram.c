@@ -173,13 +173,16 @@ static float f16_to_f32(uint16_t h) {
     return f32_from_bits(bits | (uint32_t)(h & 0x8000u) << 16);
 }
 
-/* A row of F16 values. On x86-64 with F16C (checked at run time: the build stays portable),
- * 8 values per vcvtph2ps; that instruction quiets signalling NaNs where numpy keeps the payload
- * bits, so a row holding any NaN takes the exact scalar path from that block on. */
+/* SIMD rows. On x86-64 with AVX2 + F16C (checked once per gather at run time, so the build
+ * stays portable) F16 rows convert 8 values per vcvtph2ps and Q8_0 blocks 8 quants per
+ * instruction; the arithmetic is the same IEEE single multiply as the scalar path, so results
+ * are bit-identical. vcvtph2ps quiets signalling NaNs where numpy keeps the payload bits, so an
+ * F16 row holding any NaN takes the exact scalar path from that block on. */
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define EK_X86_SIMD 1
 #include <immintrin.h>
-__attribute__((target("f16c,avx")))
-static int64_t f16_row_f16c(const uint8_t *src, int64_t dim, float *dst) {
+__attribute__((target("avx2,f16c")))
+static int64_t f16_row_simd(const uint8_t *src, int64_t dim, float *dst) {
     int64_t i = 0;
     for (; i + 8 <= dim; i += 8) {
         const __m128i h = _mm_loadu_si128((const __m128i *)(const void *)(src + 2 * i));
@@ -189,12 +192,32 @@ static int64_t f16_row_f16c(const uint8_t *src, int64_t dim, float *dst) {
     }
     return i;
 }
+
+__attribute__((target("avx2,f16c")))
+static void q8_0_block_simd(const uint8_t *src, float d, float *dst) {
+    const __m256 vd = _mm256_set1_ps(d);
+    for (int j = 0; j < 32; j += 8) {
+        const __m128i q8 = _mm_loadl_epi64((const __m128i *)(const void *)(src + 2 + j));
+        const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8));
+        _mm256_storeu_ps(dst + j, _mm256_mul_ps(q, vd));
+    }
+}
+
+static int cpu_simd(void) {
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+}
+#else
+static int cpu_simd(void) {
+    return 0;
+}
 #endif
 
-static void f16_row(const uint8_t *src, int64_t dim, float *dst) {
+static void f16_row(const uint8_t *src, int64_t dim, float *dst, int simd) {
     int64_t i = 0;
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-    if (__builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx")) i = f16_row_f16c(src, dim, dst);
+#ifdef EK_X86_SIMD
+    if (simd) i = f16_row_simd(src, dim, dst);
+#else
+    (void)simd;
 #endif
     for (; i < dim; i++) dst[i] = f16_to_f32(load_u16(src + 2 * i));
 }
@@ -205,13 +228,13 @@ static int byte_to_int8(uint8_t b) {
 }
 
 /* Dequantize one row of `dim` values (a multiple of the type's block) from src into dst. */
-static void dequantize_row(int32_t qtype, const uint8_t *src, int64_t dim, float *dst) {
+static void dequantize_row(int32_t qtype, const uint8_t *src, int64_t dim, float *dst, int simd) {
     switch (qtype) {
     case EK_F32:
         memcpy(dst, src, (size_t)dim * sizeof(float));
         break;
     case EK_F16:
-        f16_row(src, dim, dst);
+        f16_row(src, dim, dst, simd);
         break;
     case EK_BF16:
         for (int64_t i = 0; i < dim; i++) dst[i] = f32_from_bits((uint32_t)load_u16(src + 2 * i) << 16);
@@ -219,6 +242,12 @@ static void dequantize_row(int32_t qtype, const uint8_t *src, int64_t dim, float
     case EK_Q8_0: /* gguf-py: x * d, x = int8 as float32, d = f16 scale as float32 */
         for (int64_t b = 0; b < dim / 32; b++, src += 34, dst += 32) {
             const float d = f16_to_f32(load_u16(src));
+#ifdef EK_X86_SIMD
+            if (simd) {
+                q8_0_block_simd(src, d, dst);
+                continue;
+            }
+#endif
             for (int i = 0; i < 32; i++) dst[i] = (float)byte_to_int8(src[2 + i]) * d;
         }
         break;
@@ -237,7 +266,9 @@ static void dequantize_row(int32_t qtype, const uint8_t *src, int64_t dim, float
     }
 }
 
+#ifndef EK_PREFETCH_AHEAD
 #define EK_PREFETCH_AHEAD 16
+#endif
 #if defined(__GNUC__) || defined(__clang__)
 #define EK_PREFETCH(p) __builtin_prefetch(p)
 #else
@@ -278,6 +309,12 @@ static int64_t entry_key(const ek_override *ov, int64_t i) {
     return ov->keys ? ov->keys[i] : EK_ANY_KEY;
 }
 
+static int64_t override_first(const ek_override *ov, int64_t row);
+
+static int is_pow2(int64_t x) {
+    return x > 0 && (x & (x - 1)) == 0;
+}
+
 int32_t ek_override_check(const ek_override *ov, int64_t n_rows, int64_t dim) {
     if (!ov) return EK_ERR_NULL;
     if (n_rows < 0) return EK_ERR_ARG;
@@ -290,6 +327,13 @@ int32_t ek_override_check(const ek_override *ov, int64_t n_rows, int64_t dim) {
         if (i > 0) {
             const int64_t prev_row = ov->rows[i - 1], prev_key = entry_key(ov, i - 1);
             if (row < prev_row || (row == prev_row && key <= prev_key)) return EK_ERR_UNSORTED;
+        }
+    }
+    if (ov->index) {
+        if (!is_pow2(ov->index_cap) || ov->index_cap / 2 < ov->n) return EK_ERR_ARG;
+        for (int64_t i = 0; i < ov->n; i++) {
+            if ((i == 0 || ov->rows[i] != ov->rows[i - 1]) && override_first(ov, ov->rows[i]) != i)
+                return EK_ERR_ARG;
         }
     }
     return EK_OK;
@@ -307,16 +351,57 @@ static int64_t override_lower_bound(const ek_override *ov, int64_t row, int64_t 
     return lo;
 }
 
-/* Entry of one set that serves the look-up (row, key), or -1: the entry keyed exactly `key`
- * if there is one, else the row's key -1 entry. Entries of a row are contiguous and a key -1
- * entry sorts first among them. Binary searches stay within [0, n) even on an unsorted set
- * (which ek_override_check rejects), so a bad set yields wrong rows, never a bad read. */
-static int64_t override_find(const ek_override *ov, int64_t row, int64_t key) {
+/* Fibonacci hashing of a row id to a slot of a power-of-two index (high bits mix best). */
+static uint64_t index_slot(int64_t row, int64_t cap) {
+    const uint64_t h = (uint64_t)row * 0x9E3779B97F4A7C15ull;
+    return (h ^ (h >> 29)) & (uint64_t)(cap - 1);
+}
+
+int32_t ek_override_index(const ek_override *ov, int64_t *slots, int64_t cap) {
+    if (!ov || !slots) return EK_ERR_NULL;
+    if (ov->n < 0 || !is_pow2(cap) || cap / 2 < ov->n) return EK_ERR_ARG;
+    if (ov->n > 0 && !ov->rows) return EK_ERR_NULL;
+    for (int64_t s = 0; s < cap; s++) slots[s] = -1;
+    for (int64_t i = 0; i < ov->n; i++) {
+        if (i > 0 && ov->rows[i] == ov->rows[i - 1]) continue;   /* index the first entry only */
+        uint64_t s = index_slot(ov->rows[i], cap);
+        while (slots[s] >= 0) s = (s + 1) & (uint64_t)(cap - 1);   /* load <= 1/2: terminates */
+        slots[s] = i;
+    }
+    return EK_OK;
+}
+
+/* First entry of `row` in one set, or -1. With an index: probe from the row's slot until an
+ * empty slot (at most index_cap probes, and every slot value is bounds-checked, so even a
+ * damaged index cannot cause a bad read). Without: binary search. */
+static int64_t override_first(const ek_override *ov, int64_t row) {
+    if (ov->index) {
+        const uint64_t mask = (uint64_t)(ov->index_cap - 1);
+        uint64_t s = index_slot(row, ov->index_cap);
+        for (int64_t probe = 0; probe < ov->index_cap; probe++, s = (s + 1) & mask) {
+            const int64_t e = ov->index[s];
+            if (e < 0 || e >= ov->n) return -1;
+            if (ov->rows[e] == row) return e;
+        }
+        return -1;
+    }
     const int64_t first = override_lower_bound(ov, row, EK_ANY_KEY);
-    if (first >= ov->n || ov->rows[first] != row) return -1;
+    return first < ov->n && ov->rows[first] == row ? first : -1;
+}
+
+/* Entry of one set that serves the look-up (row, key), or -1: the entry keyed exactly `key`
+ * if there is one, else the row's key -1 entry. Entries of a row are contiguous from its first
+ * and a key -1 entry sorts first among them. A row has few entries (one per distinct written
+ * N-gram that hashes there), so they are scanned. Reads stay within [0, n) even on an
+ * unsorted set (which ek_override_check rejects): a bad set yields wrong rows, never a bad read. */
+static int64_t override_find(const ek_override *ov, int64_t row, int64_t key) {
+    const int64_t first = override_first(ov, row);
+    if (first < 0) return -1;
     if (key != EK_ANY_KEY && ov->keys) {
-        const int64_t i = override_lower_bound(ov, row, key);
-        if (i < ov->n && ov->rows[i] == row && ov->keys[i] == key) return i;
+        for (int64_t i = first; i < ov->n && ov->rows[i] == row; i++) {
+            if (ov->keys[i] == key) return i;
+            if (ov->keys[i] > key) break;
+        }
     }
     return entry_key(ov, first) == EK_ANY_KEY ? first : -1;
 }
@@ -342,11 +427,17 @@ int32_t ek_gather(const ek_table *table, const ek_override *ovs, int32_t n_ovs,
     }
 
     const int64_t dim = table->dim;
+    const int simd = cpu_simd();
     int64_t hits = 0;
     for (int64_t i = 0; i < n; i++) {
         /* Random rows of a big table are memory-latency bound: ask for a later row's line now. */
-        if (i + EK_PREFETCH_AHEAD < n)
-            EK_PREFETCH(table->data + (size_t)rows[i + EK_PREFETCH_AHEAD] * (size_t)row_bytes);
+        if (i + EK_PREFETCH_AHEAD < n) {
+            const int64_t ahead = rows[i + EK_PREFETCH_AHEAD];
+            EK_PREFETCH(table->data + (size_t)ahead * (size_t)row_bytes);
+            for (int32_t s = 0; s < n_ovs; s++) {
+                if (ovs[s].index) EK_PREFETCH(ovs[s].index + index_slot(ahead, ovs[s].index_cap));
+            }
+        }
         const int64_t key = keys ? keys[i] : EK_ANY_KEY;
         float *dst = out + i * dim;
         int served = 0;
@@ -355,11 +446,11 @@ int32_t ek_gather(const ek_table *table, const ek_override *ovs, int32_t n_ovs,
             const int64_t e = override_find(&ovs[s], rows[i], key);
             if (e < 0) continue;
             const size_t value_bytes = ovs[s].qtype == EK_F32 ? 4 : 2;
-            dequantize_row(ovs[s].qtype, ovs[s].values + (size_t)e * (size_t)dim * value_bytes, dim, dst);
+            dequantize_row(ovs[s].qtype, ovs[s].values + (size_t)e * (size_t)dim * value_bytes, dim, dst, simd);
             served = 1;
         }
         if (served) hits++;
-        else dequantize_row(table->qtype, table->data + (size_t)rows[i] * (size_t)row_bytes, dim, dst);
+        else dequantize_row(table->qtype, table->data + (size_t)rows[i] * (size_t)row_bytes, dim, dst, simd);
     }
     if (n_hits) *n_hits = hits;
     return EK_OK;

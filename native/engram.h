@@ -97,9 +97,19 @@ typedef struct {
     int64_t nbytes;         /* bytes available at values */
     int32_t qtype;          /* EK_F32 or EK_F16 */
     int64_t n;
+    const int64_t *index;   /* [index_cap] row index from ek_override_index, or NULL (then rows
+                               are found by binary search, O(log n) per look-up) */
+    int64_t index_cap;      /* slots of index: a power of two >= 2n; 0 without an index */
 } ek_override;
 
-/* Validate an override set against a table of n_rows x dim: ordering, ranges, sizes. */
+/* Build an override set's row index into the caller's slots[cap] (cap a power of two >= 2*n):
+ * an open-addressing hash from row id to the row's first entry, so a look-up costs O(1)
+ * expected instead of a binary search. Set ov->index = slots, ov->index_cap = cap afterwards.
+ * The set must already pass ek_override_check. */
+int32_t ek_override_index(const ek_override *ov, int64_t *slots, int64_t cap);
+
+/* Validate an override set against a table of n_rows x dim: ordering, ranges, sizes, and (when
+ * present) that its index finds every row. */
 int32_t ek_override_check(const ek_override *ov, int64_t n_rows, int64_t dim);
 
 /* Gather rows[i] (i < n) into out[i, 0..dim) as float32, dequantized bit-exactly as

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import gguf
@@ -275,7 +277,7 @@ def test_table_types_store_what_they_say(tiny, tmp_path, table_type, atol):
     out = convert(ckpt, tmp_path / table_type, table_type=table_type)
     sidecar = open_sidecar(out / constants.MODEL_DIR_ENGRAM)
     reference = open_sidecar(md / constants.MODEL_DIR_ENGRAM)
-    for layer in sidecar.config.layer_ids:
+    for layer in sidecar.layer_ids:
         info = sidecar.header.tensors[sidecar.table_name(layer)]
         assert info.type_name == table_type.upper()
         rows = np.arange(info.shape[1])
@@ -292,6 +294,7 @@ def test_table_types_store_what_they_say(tiny, tmp_path, table_type, atol):
 # --------------------------------------------------------------------------- adapter
 
 def test_adapter_is_written_and_merged_like_peft(tmp_path, home):
+    """Also: every file of a full MODEL_DIR opens with gguf-dump."""
     from engram_local.loader import load_model
 
     hf = make_backbone_dir(tmp_path / "hf", seed=7)
@@ -305,6 +308,11 @@ def test_adapter_is_written_and_merged_like_peft(tmp_path, home):
     assert adapter.alpha == 8 and adapter.ranks == {4} and len(adapter.tensors) == 4 * 7
     a, b = adapter.tensors["blk.0.attn_q.weight"]
     assert a.shape == (4, 64) and b.shape == (64, 4)
+
+    for name in (constants.MODEL_DIR_BACKBONE, constants.MODEL_DIR_ENGRAM, constants.MODEL_DIR_ADAPTER):
+        dump = subprocess.run([sys.executable, "-m", "gguf.scripts.gguf_dump", str(md / name)],
+                              capture_output=True, text=True)
+        assert dump.returncode == 0 and "tensor(s)" in dump.stdout, (name, dump.stderr[-2000:])
 
     em, tok, info = load_model(md)
     assert info.adapter is not None
@@ -429,15 +437,19 @@ def test_cli_convert_inspect_and_perplexity(tiny, tmp_path):
 
 def test_eov_files_are_described(tiny, tmp_path):
     from engram_local.cli import main
-    from engram_local.overrides import write_override_file
+    from engram_local.overrides import LedgerFact, write_memory_file
 
     _, _, md = tiny
     fingerprint = open_sidecar(md / constants.MODEL_DIR_ENGRAM).fingerprint
     path = tmp_path / "me.eov"
-    write_override_file(path, {2: (np.array([3, 1]), None, np.ones((2, 32), np.float16))}, fingerprint)
-    info = json.loads(CliRunner().invoke(main, ["inspect", str(path), "--json"]).stdout)
+    facts = [LedgerFact(id="f1", prompt="My doctor is", answer=" Dr. Krause", entries=[0, 1])]
+    write_memory_file(path, fingerprint, {2: (np.array([3, 1]), None, np.ones((2, 32), np.float16))}, facts)
+    runner = CliRunner()
+    info = json.loads(runner.invoke(main, ["inspect", str(path), "--json"]).stdout)
     assert info["kind"] == "overrides" and info["fingerprint"] == f"{fingerprint:#018x}"
-    assert info["layers"] == {"2": 2} and info["rows"] == 2
+    assert info["layers"] == {"2": 2} and info["rows"] == 2 and info["facts"] == 1
+    text = runner.invoke(main, ["inspect", str(path)]).stdout
+    assert f"bound to model fingerprint {fingerprint:#018x}" in text and "1 fact," in text
 
 
 def test_convert_refuses_what_it_cannot_do(tiny, tmp_path):

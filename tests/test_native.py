@@ -458,3 +458,27 @@ def test_empty_override_set():
     empty = OverrideSet(np.zeros(0, np.int64), np.zeros((0, 8), np.float16), np.zeros(0, np.int64))
     with Gatherer(table, [empty]) as g:
         assert same_bits(g.gather([0, 3]), base[[0, 3]]) and g.last_hits == 0
+
+
+def test_row_index_and_binary_search_agree_and_a_damaged_index_is_refused():
+    """OverrideSet's O(1) row index serves exactly what the index-free binary search serves."""
+    rng = np.random.default_rng(31)
+    table, base = random_table(seed=30, qtype=constants.QTYPE_F16, n_rows=5000, dim=32)
+    rows = np.sort(rng.choice(5000, size=700, replace=False))
+    rows = np.repeat(rows, 3)                                   # several keyed entries per row
+    keys = np.tile(np.array([-1, 5, 11]), 700)
+    ov = OverrideSet(rows, rng.standard_normal((2100, 32)).astype(np.float16), keys)
+    look_rows = rng.integers(0, 5000, size=4000)
+    look_rows[::3] = rows[rng.integers(0, 2100, size=len(look_rows[::3]))]
+    look_keys = rng.integers(-1, 13, size=4000)
+    with Gatherer(table, [ov]) as g:
+        indexed = g.gather(look_rows, look_keys)
+        hits = g.last_hits
+    assert ov._c.index != native.ffi.NULL and hits > 1000
+    ov._c.index, ov._c.index_cap = native.ffi.NULL, 0
+    with Gatherer(table, [ov]) as g:
+        assert same_bits(g.gather(look_rows, look_keys), indexed)
+    damaged = np.full(4096, -1, dtype=np.int64)              # an index that finds nothing
+    ov._c.index, ov._c.index_cap = native.ffi.from_buffer("int64_t[]", damaged), 4096
+    with pytest.raises(KernelError):
+        Gatherer(table, [ov])

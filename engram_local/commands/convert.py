@@ -12,8 +12,9 @@ import click
 
 from engram_local import constants
 
-# Errors the library raises for bad input: shown as one line, never a traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError)
+# Errors the library raises for bad input or unusable files (GGUFFormatError is a ValueError):
+# shown as one line, never a traceback.
+USER_ERRORS = (ValueError, OSError)
 
 
 @click.command()
@@ -120,9 +121,16 @@ def _size(n: int) -> str:
         n /= 1000
 
 
+def _count(n: int) -> str:
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.{0 if n >= 100 * scale else 1}f}{suffix}"
+    return str(n)
+
+
 def _format_backbone(b: dict) -> list[str]:
     return [f"{b['architecture']}, {b['block_count']} layers, width {b['embedding_length']}, "
-            f"vocab {b['vocab_size']:,}, {b['n_params'] / 1e6:.0f}M parameters, {b['file_type']}, "
+            f"vocab {b['vocab_size']:,}, {_count(b['n_params'])} parameters, {b['file_type']}, "
             f"{_size(b['size_bytes'])}" + (f" ({b['name']})" if b.get("name") else ""),
             f"tokenizer {b['tokenizer']}/{b['tokenizer_pre']}, "
             f"chat template {'yes' if b['chat_template'] else 'no'}"]
@@ -158,11 +166,11 @@ def _format(info: dict) -> str:
             out += [f"             {line}" for line in lines]
         return "\n".join(out)
     if kind == "overrides":
-        facts = "unknown" if info["facts"] is None else info["facts"]
         layers = ", ".join(f"layer {k}: {v}" for k, v in info["layers"].items()) or "none"
         return "\n".join([f"user memory {info['path']}",
                           f"  bound to model fingerprint {info['fingerprint']}",
-                          f"  {facts} facts, {info['rows']} rows ({layers}), {_size(info['size_bytes'])}"])
+                          f"  {info['facts']} fact{'' if info['facts'] == 1 else 's'}, {info['rows']} rows "
+                          f"({layers}), {_size(info['size_bytes'])}"])
     lines = {"engram": _format_engram, "adapter": _format_adapter, "backbone": _format_backbone}[kind](info)
     title = {"engram": "Engram sidecar", "adapter": "LoRA adapter", "backbone": "backbone"}[kind]
     return "\n".join([f"{title} {info['path']}"] + [f"  {line}" for line in lines])

@@ -35,10 +35,12 @@ def perplexity(model, overrides, text_file, no_engram, as_json, logprobs_out, wi
         raise click.ClickException(f"{text_file}: not UTF-8 text ({e})")
     if not text:
         raise click.ClickException(f"{text_file}: the file is empty")
-    if overrides:
-        raise click.ClickException("--overrides needs the user-memory support (not in this build yet)")
     try:
-        em, tok, _ = load_model(model)
+        stacks = None
+        if overrides:
+            from engram_local.memory import open_overrides_for_model
+            stacks = open_overrides_for_model(overrides, model)
+        em, tok, _ = load_model(model, stacks)
     except (ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e))
     em.enabled = not no_engram

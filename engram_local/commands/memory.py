@@ -1,0 +1,169 @@
+"""User-memory commands: `remember`, `facts`, `forget`. Heavy imports stay inside the commands."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from engram_local.commands.common import MODEL_HELP
+
+STATEMENT_RULE = ("A STATEMENT is split after its last linking word (is, are, was, in, at, on, "
+                  "named, a, ...; or after a colon): \"My doctor is Dr. Krause.\" -> prompt \"My doctor "
+                  "is\", answer \"Dr. Krause\".")
+
+
+def _load(model):
+    from engram_local import memory
+
+    try:
+        return memory.load_model_for_memory(model)
+    except (ValueError, FileNotFoundError) as e:
+        raise click.ClickException(str(e))
+
+
+def _progress(quiet: bool):
+    if quiet:
+        return None
+    from tqdm import tqdm
+
+    return lambda total: tqdm(total=total, desc="fitting", unit="step", leave=False, file=sys.stderr)
+
+
+@click.command()
+@click.option("-m", "--model", type=click.Path(exists=True, file_okay=False), default=None, help=MODEL_HELP)
+@click.option("-o", "--out", "out_file", required=True, type=click.Path(dir_okay=False),
+              help="The user's memory file (.eov); created if missing, facts are added otherwise.")
+@click.argument("statements", nargs=-1)
+@click.option("--prompt", "prompts", multiple=True, help="A fact's prompt (pair with --answer; repeatable).")
+@click.option("--answer", "answers", multiple=True, help="The answer that follows the matching --prompt.")
+@click.option("--from-jsonl", "jsonl", type=click.Path(exists=True, dir_okay=False),
+              help='Facts as JSON lines {"prompt": ..., "answer": ..., "id"?: ..., "paraphrases"?: [...]}.')
+@click.option("--from-user-json", "user_json", type=click.Path(exists=True, dir_okay=False),
+              help="A user file of the paper (users/*.json), with the paper's prompt rule.")
+@click.option("--paraphrases", is_flag=True,
+              help="With --from-user-json: also write the other paraphrases ending with the answer.")
+@click.option("--method", type=click.Choice(["joint", "opt", "unembed"]), default="joint", show_default=True,
+              help="joint: all facts fitted together (Joint OPT); opt: each fact alone (OPT); "
+                   "unembed: closed form (UNEMBED_P), no fitting.")
+@click.option("--value-type", type=click.Choice(["f16", "f32"]), default=None,
+              help="Type of the stored rows (default f16, or the existing file's).")
+@click.option("--max-steps", type=int, default=None, help="Fitting steps at most.")
+@click.option("-t", "--threads", type=int, default=None, help="CPU threads for torch.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def remember(model, out_file, statements, prompts, answers, jsonl, user_json, paraphrases, method,
+             value_type, max_steps, threads, quiet):
+    """Write facts into a user memory file and print each new fact's id.
+
+    \b
+    Examples:
+      engram-local remember -o me.eov "My doctor is Dr. Krause."
+      engram-local remember -o me.eov --prompt "My cat is called" --answer "Figaro"
+      engram-local remember -o me.eov --from-jsonl facts.jsonl
+
+    Each fact is stored as a few rows of the model's memory table, fitted so that the model
+    continues the prompt with the answer; other text is unaffected. Adding facts to an existing
+    file refits only the rows the new facts touch.
+    """
+    from engram_local import memory
+
+    if len(prompts) != len(answers):
+        raise click.UsageError(f"--prompt given {len(prompts)} times but --answer {len(answers)} times; "
+                               "give them in pairs")
+    facts = []
+    try:
+        for s in statements:
+            p, a = memory.split_statement(s)
+            facts.append(memory.NewFact(prompt=p, answer=a))
+        facts += [memory.NewFact(prompt=p, answer=a) for p, a in zip(prompts, answers)]
+        if jsonl:
+            facts += memory.jsonl_facts(jsonl)
+        if user_json:
+            facts += memory.user_json_facts(user_json, paraphrases=paraphrases)
+    except memory.FactInputError as e:
+        raise click.ClickException(str(e) + ("" if statements == () else f" ({STATEMENT_RULE})"))
+    if not facts:
+        raise click.UsageError("no facts: give STATEMENTs, --prompt/--answer, --from-jsonl or --from-user-json")
+    if threads:
+        import torch
+        torch.set_num_threads(threads)
+    em, tok, fingerprint = _load(model)
+    from engram_local.writer import FitSettings
+
+    settings = FitSettings()
+    if max_steps is not None:
+        settings.max_steps = max_steps
+    try:
+        report = memory.remember(out_file, facts, em, tok, fingerprint, method=method,
+                                 value_type=value_type, settings=settings, progress=_progress(quiet))
+    except (ValueError, FileNotFoundError) as e:
+        raise click.ClickException(str(e))
+    for fid in report.new_ids:
+        click.echo(fid)
+    missed = [f for f, ok in report.recalled.items() if not ok]
+    click.echo(f"engram-local: {len(report.new_ids)} fact(s) written to {out_file}: {report.rows} rows, "
+               f"{report.file_bytes} bytes, {report.seconds:.1f} s", err=True)
+    if missed:
+        click.echo(f"engram-local: warning: not recalled in full after fitting: {', '.join(missed)}", err=True)
+
+
+@click.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help='Print {"facts": [...]} as JSON.')
+def facts(file, as_json):
+    """List the facts of a user memory file (id, prompt, answer, rows)."""
+    from engram_local.overrides import read_memory_file
+
+    try:
+        mf = read_memory_file(file)
+    except (ValueError, FileNotFoundError) as e:
+        raise click.ClickException(str(e))
+    entries = mf.entries()
+    out = []
+    for f in mf.facts:
+        out.append({"id": f.id, "prompt": f.prompt, "answer": f.answer, "paraphrases": f.paraphrases,
+                    "rows": len(f.entries), "row_ids": [[entries[e][0], entries[e][1]] for e in f.entries],
+                    "written": f.written, "method": f.method})
+    if as_json:
+        click.echo(json.dumps({"file": str(file), "fingerprint": f"{mf.fingerprint:#018x}",
+                               "rows": len(entries), "facts": out}, ensure_ascii=False))
+        return
+    if not out:
+        click.echo(f"{file}: no facts")
+        return
+    for f in out:
+        click.echo(f"{f['id']}\t{f['prompt']!r} -> {f['answer']!r}\t{f['rows']} rows\t{f['written']}")
+    click.echo(f"{len(out)} facts, {len(entries)} rows", err=True)
+
+
+@click.command()
+@click.option("-m", "--model", type=click.Path(exists=True, file_okay=False), default=None, help=MODEL_HELP)
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.argument("fact_ids", nargs=-1, required=True)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def forget(model, file, fact_ids, quiet):
+    """Remove facts from a user memory file.
+
+    The facts' text and every row only they used leave the file (it is rewritten whole);
+    rows they shared with other facts are refitted so those keep their recall.
+    """
+    from engram_local import memory
+    from engram_local.overrides import read_memory_file
+
+    try:
+        mf = read_memory_file(file)
+        known = {f.id for f in mf.facts}
+        unknown = [i for i in fact_ids if i not in known]
+        if unknown:
+            raise click.ClickException(f"{file}: no fact with id {', '.join(map(repr, unknown))} "
+                                       f"(ids: {', '.join(sorted(known)) or 'none'})")
+    except (ValueError, FileNotFoundError) as e:
+        raise click.ClickException(str(e))
+    em, tok, fingerprint = _load(model)
+    try:
+        report = memory.forget(file, list(fact_ids), em, tok, fingerprint, progress=_progress(quiet))
+    except (ValueError, FileNotFoundError) as e:
+        raise click.ClickException(str(e))
+    click.echo(f"engram-local: forgot {', '.join(fact_ids)}; {file} now holds {report.rows} rows, "
+               f"{report.file_bytes} bytes", err=True)

@@ -1,0 +1,400 @@
+"""`engram-local run`: chat and completion with the user's memory, on llama.cpp or torch.
+
+stdout carries only generated text (or, with --prompts-jsonl, one JSON object per prompt);
+everything else (notices, errors, --timings) goes to stderr. Heavy imports stay inside the
+command so `engram-local --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from engram_local.commands.common import MODEL_HELP
+
+REPL_HELP = """Commands:
+  /remember <statement>   store a fact in your memory (the last --overrides file)
+  /facts                  list the facts in your memory
+  /forget <id>            remove a fact
+  /reset                  start a new conversation
+  /exit                   quit (also Ctrl-D)
+Ctrl-C stops a reply and returns to the prompt."""
+
+
+def _err(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-m", "--model", default=None, help=MODEL_HELP)
+@click.option("--overrides", "overrides", multiple=True, metavar="FILE.eov",
+              help="User memory layered over the Engram table; repeat to stack (later files win on "
+                   "shared rows). Chat writes (/remember) go to the last one.")
+@click.option("-p", "--prompt", default=None, help="Complete this text (no chat template) and exit.")
+@click.option("-f", "--file", "prompt_file", default=None, metavar="PROMPT_FILE",
+              help="Complete the UTF-8 text of this file and exit.")
+@click.option("--prompts-jsonl", default=None, metavar="FILE",
+              help='One {"prompt": "...", "chat": false} per line; prints one '
+                   '{"prompt": ..., "completion": ...} line per valid input. Invalid lines are '
+                   "reported on stderr with their line numbers (exit status 1 at the end).")
+@click.option("--chat", is_flag=True, help="Wrap -p / -f text as one user turn of the chat template.")
+@click.option("-n", "--n-predict", "n_predict", default=256, show_default=True, type=click.IntRange(min=0),
+              help="Most tokens to generate (generation also stops at end-of-turn).")
+@click.option("--temp", default=0.8, show_default=True, type=float, help="Temperature; 0 = greedy, deterministic.")
+@click.option("--top-p", default=0.95, show_default=True, type=click.FloatRange(0.0, 1.0, min_open=True),
+              help="Nucleus sampling threshold.")
+@click.option("--seed", default=None, type=int, help="Sampling seed (default: random).")
+@click.option("-c", "--ctx-size", "n_ctx", default=2048, show_default=True, type=click.IntRange(min=16),
+              help="Context size in tokens.")
+@click.option("-t", "--threads", default=None, type=click.IntRange(min=1),
+              help="CPU threads (llama.cpp: generation and batch; torch: intra-op).")
+@click.option("--backend", type=click.Choice(["auto", "llama.cpp", "torch"]), default="auto", show_default=True,
+              help="auto = llama.cpp when installed and the model has a backbone GGUF, else torch.")
+@click.option("-ngl", "--n-gpu-layers", "n_gpu_layers", default=0, show_default=True, type=int,
+              help="llama.cpp: layers to offload to the GPU (when llama.cpp was built with one).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
+              help="torch backend device (default cpu; --device cuda with --backend auto picks torch).")
+@click.option("--no-skill", is_flag=True, help="Run without the skill adapter.")
+@click.option("--ignore-eos", is_flag=True, help="Keep generating past end-of-turn tokens (benchmarks).")
+@click.option("--timings", is_flag=True,
+              help="Print speed figures as one JSON object, the last line of stderr.")
+def run(model, overrides, prompt, prompt_file, prompts_jsonl, chat, n_predict, temp, top_p, seed, n_ctx,
+        threads, backend, n_gpu_layers, device, no_skill, ignore_eos, timings):
+    """Chat with the model, or complete prompts, with your memory.
+
+    \b
+    engram-local run --overrides me.eov                      interactive chat
+    engram-local run --overrides me.eov -p "My doctor is" -n 16 --temp 0
+    engram-local run --prompts-jsonl prompts.jsonl --temp 0  batch completion
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+    sources = [x for x in (prompt, prompt_file, prompts_jsonl) if x is not None]
+    if len(sources) > 1:
+        raise click.UsageError("give at most one of -p, -f and --prompts-jsonl")
+    interactive = not sources
+
+    # Read the inputs before loading anything: bad input fails fast.
+    if prompt_file is not None:
+        prompt = _read_text(prompt_file, "prompt file")
+        if not prompt:
+            raise click.ClickException(f"{prompt_file}: the prompt file is empty")
+    if prompt is not None and prompt == "":
+        raise click.ClickException("the prompt is empty (-p \"\")")
+    jsonl_lines = None
+    if prompts_jsonl is not None:
+        jsonl_lines = _read_text(prompts_jsonl, "prompts file").splitlines()
+    if chat and (prompt is None):
+        if prompts_jsonl is not None:
+            _err('engram-local: --chat applies to -p / -f; in --prompts-jsonl set "chat": true per line')
+    if n_gpu_layers and backend == "torch":
+        _err("engram-local: -ngl applies to the llama.cpp backend; ignored with --backend torch")
+
+    from engram_local.runtime import PromptTooLong, RunError, Session, Timings
+    from engram_local.sampling import Sampler
+
+    try:
+        sampler = Sampler(temp=temp, top_p=top_p, seed=seed)
+    except ValueError as exc:
+        raise click.ClickException(str(exc))
+    try:
+        session = Session(model, overrides=overrides, backend=backend, n_ctx=n_ctx, n_threads=threads,
+                          n_gpu_layers=n_gpu_layers, device=device, skill=not no_skill,
+                          allow_missing_last_override=interactive, log=_err)
+    except RunError as exc:
+        raise click.ClickException(str(exc))
+    except (ValueError, OSError) as exc:
+        raise click.ClickException(f"cannot load the model: {exc}")
+
+    total = Timings()
+    status = 0
+    try:
+        if interactive:
+            _repl(session, sampler, n_predict, total)
+        elif jsonl_lines is not None:
+            status = _jsonl(session, sampler, n_predict, jsonl_lines, prompts_jsonl, total, ignore_eos)
+        else:
+            try:
+                ids = session.tokenize(prompt, chat=chat)
+                out = sys.stdout
+                gen = session.generate(ids, n_predict, sampler, on_text=lambda s: (out.write(s), out.flush()),
+                                       ignore_eos=ignore_eos)
+                total.add(gen.timings)
+                if out.isatty():
+                    out.write("\n")
+                out.flush()
+            except PromptTooLong as exc:
+                raise click.ClickException(str(exc))
+            except RunError as exc:
+                raise click.ClickException(str(exc))
+            except KeyboardInterrupt:
+                sys.stdout.flush()
+                _err("\nengram-local: interrupted")
+                status = 130
+    finally:
+        if timings:
+            sys.stderr.flush()
+            _err(json.dumps(total.as_dict()))
+        session.close()
+    if status:
+        sys.exit(status)
+
+
+def _read_text(path: str, what: str) -> str:
+    p = Path(path)
+    if not p.exists():
+        raise click.ClickException(f"{path}: {what} not found")
+    if p.is_dir():
+        raise click.ClickException(f"{path}: is a directory, not a {what}")
+    try:
+        return p.read_text(encoding="utf-8")
+    except PermissionError:
+        raise click.ClickException(f"{path}: {what} is not readable (permission denied)")
+    except UnicodeDecodeError as exc:
+        raise click.ClickException(f"{path}: {what} is not UTF-8 text ({exc})")
+    except OSError as exc:
+        raise click.ClickException(f"{path}: cannot read the {what}: {exc}")
+
+
+def _jsonl(session, sampler, n_predict, lines, path, total, ignore_eos=False) -> int:
+    from engram_local.runtime import RunError
+
+    bad = 0
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            _err(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno}); line skipped")
+            bad += 1
+            continue
+        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
+            _err(f'{path}:{lineno}: expected an object with a "prompt" string; line skipped')
+            bad += 1
+            continue
+        chat = item.get("chat", False)
+        if not isinstance(chat, bool):
+            _err(f'{path}:{lineno}: "chat" must be true or false; line skipped')
+            bad += 1
+            continue
+        if not item["prompt"]:
+            _err(f"{path}:{lineno}: empty prompt; line skipped")
+            bad += 1
+            continue
+        try:
+            ids = session.tokenize(item["prompt"], chat=chat)
+            gen = session.generate(ids, n_predict, sampler, ignore_eos=ignore_eos)
+        except RunError as exc:
+            _err(f"{path}:{lineno}: {exc}; line skipped")
+            bad += 1
+            continue
+        total.add(gen.timings)
+        sys.stdout.write(json.dumps({"prompt": item["prompt"], "completion": gen.text}, ensure_ascii=False) + "\n")
+        sys.stdout.flush()
+    if bad:
+        _err(f"engram-local: {bad} invalid line{'s' if bad != 1 else ''} in {path} (the others were processed)")
+    return 1 if bad else 0
+
+
+# --------------------------------------------------------------------------- the chat REPL
+
+def _repl(session, sampler, n_predict, total) -> None:
+    from engram_local.runtime import PromptTooLong, RunError
+
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    memory = _Memory(session)
+    _err(f"engram-local: {session.backend_name} backend, context {session.n_ctx} tokens"
+         + (f", memory {', '.join(map(str, session.override_paths))}" if session.override_paths else ", no memory file")
+         + ". /help for commands.")
+    messages: list[dict] = []
+    out = sys.stdout
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            out.write("\n")
+            return
+        except KeyboardInterrupt:
+            out.write("\n(/exit or Ctrl-D to quit)\n")
+            continue
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/"):
+            cmd, _, arg = text.partition(" ")
+            arg = arg.strip()
+            if cmd in ("/exit", "/quit"):
+                return
+            if cmd == "/help":
+                _err(REPL_HELP)
+            elif cmd == "/reset":
+                messages.clear()
+                session.reset()
+                _err("(new conversation)")
+            elif cmd == "/remember":
+                if not arg:
+                    _err("usage: /remember <statement>")
+                else:
+                    memory.remember(arg)
+            elif cmd == "/facts":
+                memory.facts()
+            elif cmd == "/forget":
+                if not arg:
+                    _err("usage: /forget <id>")
+                else:
+                    memory.forget(arg)
+            else:
+                _err(f"unknown command {cmd}; /help lists them")
+            continue
+
+        messages.append({"role": "user", "content": line})
+        try:
+            ids = _fit_conversation(session, messages, n_predict)
+        except (PromptTooLong, RunError) as exc:
+            _err(f"engram-local: {exc}")
+            messages.pop()
+            continue
+        reply = ""
+        try:
+            gen = session.generate(ids, n_predict, sampler, on_text=lambda s: (out.write(s), out.flush()))
+            reply = gen.text
+            total.add(gen.timings)
+        except KeyboardInterrupt:
+            reply = _partial(session, ids)
+            out.write("\n[interrupted]")
+        except RunError as exc:
+            _err(f"\nengram-local: {exc}")
+        out.write("\n")
+        out.flush()
+        messages.append({"role": "assistant", "content": reply})
+
+
+def _partial(session, prompt_ids) -> str:
+    """The text generated before an interrupt (what the backend holds past the prompt)."""
+    be = session.backend
+    toks = be.tokens[len(prompt_ids):] if be.tokens[:len(prompt_ids)] == list(prompt_ids) else []
+    try:
+        return be.detokenize(toks)
+    except Exception:  # noqa: BLE001
+        return ""
+
+
+def _fit_conversation(session, messages, n_predict) -> list[int]:
+    """Tokens of the conversation; drops the oldest turns (with a notice) when it would leave
+    less than a reply's room in the context."""
+    from engram_local.runtime import PromptTooLong
+
+    room = min(n_predict, session.n_ctx // 4) if n_predict else 1
+    while True:
+        ids = session.tokenize_rendered(session.render(messages))
+        if len(ids) + room <= session.n_ctx:
+            return ids
+        first_user = next((i for i, m in enumerate(messages) if m["role"] != "system"), None)
+        if first_user is None or len(messages) - first_user <= 1:
+            raise PromptTooLong(f"this message is {len(ids)} tokens with the template; the context holds "
+                                f"{session.n_ctx} (-c): shorten it or raise -c")
+        # drop the oldest user turn and its reply
+        del messages[first_user]
+        if first_user < len(messages) and messages[first_user]["role"] == "assistant":
+            del messages[first_user]
+        _err("engram-local: the conversation no longer fits the context: dropped the oldest turn")
+
+
+class _Memory:
+    """/remember, /facts, /forget on the last --overrides file (engram_local.memory)."""
+
+    def __init__(self, session):
+        self.session = session
+        self.path = session.override_paths[-1] if session.override_paths else None
+        self._model = None          # (EngramModel, tokenizer, fingerprint), loaded on first write
+
+    def _ready(self) -> bool:
+        if self.path is None:
+            _err("no memory file: start with --overrides FILE.eov to remember facts")
+            return False
+        if self.session.model_dir is None:
+            _err("user memory needs a MODEL_DIR (convert the checkpoint first)")
+            return False
+        return True
+
+    def _fitting_model(self):
+        if self._model is None:
+            from engram_local import memory
+
+            _err("(loading the model for fitting: first write only)")
+            self._model = memory.load_model_for_memory(self.session.model_dir.path)
+        return self._model
+
+    @staticmethod
+    def _progress(total):
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc="fitting", unit="step", leave=False, file=sys.stderr)
+
+    def remember(self, statement: str) -> None:
+        if not self._ready():
+            return
+        from engram_local import memory
+
+        try:
+            prompt, answer = memory.split_statement(statement)
+            em, tok, fp = self._fitting_model()
+            report = memory.remember(self.path, [memory.NewFact(prompt=prompt, answer=answer)], em, tok, fp,
+                                     progress=self._progress)
+        except KeyboardInterrupt:
+            _err("(interrupted: nothing written)")
+            return
+        except Exception as exc:  # noqa: BLE001 - report and keep the chat alive
+            _err(f"could not remember that: {exc}")
+            return
+        self.session.reload_overrides()
+        fid = report.new_ids[0] if report.new_ids else "?"
+        ok = report.recalled.get(fid)
+        _err(f"(remembered [{fid}] {prompt!r} -> {answer!r}"
+             + ("" if ok is None else ("; recalled" if ok else "; not yet recalled exactly"))
+             + "; conversation state reset)")
+
+    def facts(self) -> None:
+        if not self._ready():
+            return
+        from engram_local.overrides import read_memory_file
+
+        if not self.path.exists():
+            _err("(no facts yet)")
+            return
+        try:
+            mf = read_memory_file(self.path, int(self.session.sidecar.fingerprint))
+        except Exception as exc:  # noqa: BLE001
+            _err(f"could not read the facts: {exc}")
+            return
+        if not mf.facts:
+            _err("(no facts yet)")
+        for f in mf.facts:
+            _err(f"  [{f.id}] {f.prompt} {f.answer}")
+
+    def forget(self, fact_id: str) -> None:
+        if not self._ready():
+            return
+        from engram_local import memory
+
+        if not self.path.exists():
+            _err(f"no fact {fact_id!r}: {self.path} does not exist yet")
+            return
+        try:
+            em, tok, fp = self._fitting_model()
+            memory.forget(self.path, [fact_id], em, tok, fp, progress=self._progress)
+        except KeyboardInterrupt:
+            _err("(interrupted: nothing changed)")
+            return
+        except Exception as exc:  # noqa: BLE001
+            _err(f"could not forget {fact_id}: {exc}")
+            return
+        self.session.reload_overrides()
+        _err(f"(forgot {fact_id}; conversation state reset)")

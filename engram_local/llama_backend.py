@@ -1,0 +1,419 @@
+"""The llama.cpp backend: a stock backbone GGUF in llama.cpp, with the Engram term added in C.
+
+llama-cpp-python's low-level API runs the backbone (`backbone.gguf` of a MODEL_DIR, memory-mapped,
+optionally offloaded with -ngl). At every Engram layer L the residual stream entering it
+(llama.cpp's graph node `l_out-(L-1)`) goes through the extension's C eval callback
+(`ek_eval_callback`, native/engram_runtime.c): hash -> rows under the override stack -> W_K/W_V ->
+gate -> value norm -> short conv with this sequence's history, added in place. No Python runs
+inside the graph.
+
+Node names like `l_out-15` are llama.cpp internals, not API: llama-cpp-python is pinned
+(pyproject.toml) and every decode checks that each Engram layer fired exactly once, so a renamed
+node fails loudly ("llama.cpp's graph has no node l_out-15 ...") instead of silently dropping
+the Engram.
+
+Rules the callback relies on: one sequence; every llama_decode submits at most n_batch tokens and
+n_ubatch = n_batch, so one decode is one ubatch and its tokens are the ones announced with
+`EngramRuntime.begin`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from engram_local import native
+
+# The llama-cpp-python release whose graph node names this backend was written against.
+PINNED_LLAMA_CPP_PYTHON = "0.3.36"
+
+
+class LlamaCppError(RuntimeError):
+    """llama.cpp refused to load a file or to decode."""
+
+
+def _llama_cpp():
+    import llama_cpp
+
+    return llama_cpp
+
+
+def available() -> bool:
+    """Whether llama-cpp-python can be imported here."""
+    try:
+        _llama_cpp()
+        return True
+    except Exception:  # noqa: BLE001 - any import failure means "use torch"
+        return False
+
+
+# --------------------------------------------------------------------------- logging
+# llama.cpp logs through a C callback; the ctypes object must outlive every later log call.
+_LOG_CALLBACK = None
+
+
+def quiet_llama_logs(verbose: bool | None = None) -> None:
+    """Route llama.cpp's (and ggml's) own logging to nothing, or to stderr when verbose
+    (default: the ENGRAM_LOCAL_LLAMA_LOG environment variable)."""
+    global _LOG_CALLBACK
+    llama_cpp = _llama_cpp()
+    if verbose is None:
+        verbose = os.environ.get("ENGRAM_LOCAL_LLAMA_LOG", "") not in ("", "0")
+
+    def log(level, text, user_data):
+        if verbose and text:
+            sys.stderr.write(text.decode("utf-8", "replace"))
+
+    cb = llama_cpp.llama_log_callback(log)
+    llama_cpp.llama_log_set(cb, ctypes.c_void_p(0))
+    _LOG_CALLBACK = cb
+
+
+# --------------------------------------------------------------------------- ggml entry points
+
+def _ggml_base_library():
+    llama_cpp = _llama_cpp()
+    lib_dir = Path(llama_cpp.__file__).resolve().parent / "lib"
+    for name in ("libggml-base.so", "libggml-base.dylib", "ggml-base.dll"):
+        if (lib_dir / name).exists():
+            return ctypes.CDLL(str(lib_dir / name))
+    raise LlamaCppError(f"{lib_dir}: no libggml-base library in llama-cpp-python's package")
+
+
+_GGML = None
+
+
+def ggml_api() -> dict:
+    """Addresses of the ggml functions the C callback calls (native.EngramRuntime's `ggml`)."""
+    global _GGML
+    if _GGML is None:
+        lib = _ggml_base_library()
+        names = {"get_name": "ggml_get_name", "nelements": "ggml_nelements", "nbytes": "ggml_nbytes",
+                 "tensor_get": "ggml_backend_tensor_get", "tensor_set": "ggml_backend_tensor_set"}
+        _GGML = {key: ctypes.cast(getattr(lib, sym), ctypes.c_void_p).value for key, sym in names.items()}
+        _GGML["_lib"] = lib
+    return _GGML
+
+
+def node_name(layer: int) -> str:
+    """llama.cpp's graph node holding the input of decoder layer `layer`."""
+    return "embd" if layer == 0 else f"l_out-{layer - 1}"
+
+
+# --------------------------------------------------------------------------- Engram pieces
+
+def engram_kernels(sidecar, overrides: Mapping[int, Sequence[native.OverrideSet]] | None = None):
+    """[native.EngramLayerKernel] for each Engram layer of an open sidecar (gguf_io.Sidecar)."""
+    cfg = SimpleNamespace(**sidecar.settings)      # sidecar.config would import torch
+    layout = sidecar.layout
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(cfg.layer_ids))
+    if unknown:
+        raise ValueError(f"override sets for layers {unknown}, but the model's Engram layers are "
+                         f"{cfg.layer_ids}")
+    kernels = []
+    for layer in cfg.layer_ids:
+        st = sidecar.layer_state(layer)
+        kernels.append(native.EngramLayerKernel(
+            sidecar.table(layer), overrides.get(layer, ()), layout.kernel_args(layer),
+            w_k=st["w_k.weight"], w_v=st["w_v.weight"], norm_q=st["norm_q.weight"],
+            norm_k=st["norm_k.weight"], norm_v=st["norm_v.weight"], conv=st["conv.weight"],
+            eps=cfg.norm_eps, dilation=cfg.max_ngram_size))
+    return kernels
+
+
+# --------------------------------------------------------------------------- the session
+
+class LlamaCppBackend:
+    """One llama.cpp context over a backbone GGUF, with an optional Engram and LoRA adapter.
+
+    `eval(tokens)` appends tokens to the sequence and returns the last position's logits;
+    `truncate(n)` rolls the KV cache and the Engram state back to n positions (so a chat turn
+    re-decodes only what changed); `reset()` forgets everything.
+    """
+
+    name = "llama.cpp"
+
+    def __init__(self, backbone: str | os.PathLike, *, sidecar=None, overrides=None,
+                 adapter: str | os.PathLike | None = None, n_ctx: int = 2048, n_batch: int = 512,
+                 n_threads: int | None = None, n_gpu_layers: int = 0, flash_attn: bool = False,
+                 kv_f32: bool = False, log=None):
+        llama_cpp = _llama_cpp()
+        self._ll = llama_cpp
+        self._log = log or (lambda msg: print(msg, file=sys.stderr))
+        quiet_llama_logs()
+        backbone = Path(backbone)
+        if not backbone.is_file():
+            raise FileNotFoundError(f"{backbone}: backbone GGUF not found")
+        if not os.access(backbone, os.R_OK):
+            raise PermissionError(f"{backbone}: backbone GGUF is not readable")
+        llama_cpp.llama_backend_init()
+        self._model = self._ctx = self._batch = self._adapter = None
+        self.runtime = None
+
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP      # mmap on, adapter or not
+        if n_gpu_layers and not llama_cpp.llama_supports_gpu_offload():
+            self._log("engram-local: this llama.cpp build has no GPU support; -ngl ignored")
+            n_gpu_layers = 0
+        mparams.n_gpu_layers = int(n_gpu_layers)
+        self._model = llama_cpp.llama_model_load_from_file(str(backbone).encode(), mparams)
+        if not self._model:
+            raise LlamaCppError(f"{backbone}: llama.cpp could not load this backbone GGUF "
+                                "(set ENGRAM_LOCAL_LLAMA_LOG=1 to see llama.cpp's reason)")
+        try:
+            self._setup(backbone, sidecar, overrides, adapter, n_ctx, n_batch, n_threads, flash_attn, kv_f32)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, backbone, sidecar, overrides, adapter, n_ctx, n_batch, n_threads, flash_attn, kv_f32):
+        ll = self._ll
+        self.vocab = ll.llama_model_get_vocab(self._model)
+        self.n_vocab = int(ll.llama_vocab_n_tokens(self.vocab))
+        self.n_embd = int(ll.llama_model_n_embd(self._model))
+        self.n_layer = int(ll.llama_model_n_layer(self._model))
+        n_ctx = int(n_ctx) if n_ctx else int(ll.llama_model_n_ctx_train(self._model))
+        self.n_ctx = n_ctx
+        self.n_batch = max(1, min(int(n_batch), n_ctx))
+        threads = int(n_threads) if n_threads else max(1, (os.cpu_count() or 2) // 2)
+
+        if sidecar is not None:
+            cfg = SimpleNamespace(**sidecar.settings)
+            if cfg.hidden_size != self.n_embd:
+                raise ValueError(f"{backbone}: width {self.n_embd}, but the Engram writes into width "
+                                 f"{cfg.hidden_size}")
+            bad = [l for l in cfg.layer_ids if l >= self.n_layer - 1]
+            if bad:
+                # The last layer keeps only output rows before l_out: nothing past it can be fed.
+                raise ValueError(f"Engram layers {bad} cannot run in llama.cpp: the backbone has "
+                                 f"{self.n_layer} layers and the input of the last one is not a "
+                                 "full-sequence node")
+            cmap = np.asarray(sidecar.canonical_map(), dtype=np.int64)
+            if cmap.shape[0] < self.n_vocab:
+                raise ValueError(f"the Engram's canonical map covers {cmap.shape[0]} token ids, the "
+                                 f"backbone has {self.n_vocab}")
+            self.runtime = native.EngramRuntime(engram_kernels(sidecar, overrides), list(cfg.layer_ids),
+                                                cmap, n_ctx, self.n_batch, ggml_api())
+
+        cparams = ll.llama_context_default_params()
+        cparams.n_ctx = n_ctx
+        cparams.n_batch = self.n_batch
+        cparams.n_ubatch = self.n_batch          # one decode = one ubatch (the callback relies on it)
+        cparams.n_seq_max = 1
+        cparams.n_threads = threads
+        cparams.n_threads_batch = threads
+        cparams.no_perf = True
+        cparams.flash_attn_type = (ll.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
+                                   else ll.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        if kv_f32:                               # exact comparisons with torch (tests)
+            cparams.type_k = cparams.type_v = 0  # GGML_TYPE_F32
+        if self.runtime is not None:
+            self._cb = ll.ggml_backend_sched_eval_callback(self.runtime.callback_address)
+            cparams.cb_eval = self._cb
+            cparams.cb_eval_user_data = ctypes.c_void_p(self.runtime.user_data_address)
+        self._ctx = ll.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            raise LlamaCppError(f"llama.cpp could not create a context of {n_ctx} tokens "
+                                "(out of memory? try a smaller -c)")
+        self._mem = ll.llama_get_memory(self._ctx)
+
+        if adapter is not None:
+            adapter = Path(adapter)
+            if not adapter.is_file():
+                raise FileNotFoundError(f"{adapter}: skill adapter not found")
+            self._adapter = ll.llama_adapter_lora_init(self._model, str(adapter).encode())
+            if not self._adapter:
+                raise LlamaCppError(f"{adapter}: llama.cpp could not load this LoRA adapter "
+                                    "(set ENGRAM_LOCAL_LLAMA_LOG=1 to see why)")
+            arr = (ll.llama_adapter_lora_p_ctypes * 1)(self._adapter)
+            scales = (ctypes.c_float * 1)(1.0)
+            if ll.llama_set_adapters_lora(self._ctx, arr, 1, scales):
+                raise LlamaCppError(f"{adapter}: llama.cpp could not apply the LoRA adapter")
+
+        self._batch = ll.llama_batch_init(self.n_batch, 0, 1)
+        self.add_bos = bool(ll.llama_vocab_get_add_bos(self.vocab))
+        self._eog: dict[int, bool] = {}
+        self.tokens: list[int] = []          # what the KV cache and Engram state hold
+        self.chat_template = self._chat_template()
+
+    def _chat_template(self) -> str | None:
+        tmpl = self._ll.llama_model_chat_template(self._model, None)
+        return tmpl.decode("utf-8") if tmpl else None
+
+    # ---------------------------------------------------------------- text
+    def tokenize(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """Token ids of `text` (special tokens like <|im_start|> parsed; BOS as the model says)."""
+        ll = self._ll
+        data = text.encode("utf-8")
+        add = self.add_bos if add_bos is None else add_bos
+        cap = len(data) + 8
+        buf = (ll.llama_token * cap)()
+        n = ll.llama_tokenize(self.vocab, data, len(data), buf, cap, add, True)
+        if n < 0:
+            cap = -n
+            buf = (ll.llama_token * cap)()
+            n = ll.llama_tokenize(self.vocab, data, len(data), buf, cap, add, True)
+            if n < 0:
+                raise LlamaCppError("llama.cpp could not tokenize the text")
+        return list(buf[:n])
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes a token stands for (special tokens render as nothing)."""
+        ll = self._ll
+        buf = ctypes.create_string_buffer(64)
+        n = ll.llama_token_to_piece(self.vocab, int(token), buf, 64, 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = ll.llama_token_to_piece(self.vocab, int(token), buf, -n, 0, False)
+        return buf.raw[:max(n, 0)]
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", "replace")
+
+    def is_eog(self, token: int) -> bool:
+        token = int(token)
+        hit = self._eog.get(token)
+        if hit is None:
+            hit = self._eog[token] = bool(self._ll.llama_vocab_is_eog(self.vocab, token))
+        return hit
+
+    # ---------------------------------------------------------------- the sequence
+    @property
+    def n_past(self) -> int:
+        return len(self.tokens)
+
+    def eval(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        """Append `tokens`; the logits of the last one (float32 [n_vocab], a copy), or of every
+        one ([len(tokens), n_vocab]) with all_logits."""
+        tokens = [int(t) for t in tokens]
+        if not tokens:
+            raise ValueError("eval needs at least one token")
+        if len(self.tokens) + len(tokens) > self.n_ctx:
+            raise ContextFullError(len(self.tokens), len(tokens), self.n_ctx)
+        bad = [t for t in tokens if not 0 <= t < self.n_vocab]
+        if bad:
+            raise ValueError(f"token id {bad[0]} outside the vocabulary [0, {self.n_vocab})")
+        out = []
+        try:
+            for i in range(0, len(tokens), self.n_batch):
+                chunk = tokens[i:i + self.n_batch]
+                last = i + self.n_batch >= len(tokens)
+                rows = self._decode(chunk, all_logits, last)
+                if rows is not None:
+                    out.append(rows)
+        except BaseException:
+            # A failed or interrupted decode leaves KV and Engram state unknown: start over.
+            self.reset()
+            raise
+        if all_logits:
+            return np.concatenate(out, axis=0)
+        return out[-1][-1]
+
+    def _decode(self, chunk: list[int], all_logits: bool, last: bool) -> np.ndarray | None:
+        ll, b = self._ll, self._batch
+        n, pos0 = len(chunk), len(self.tokens)
+        for i, t in enumerate(chunk):
+            b.token[i] = t
+            b.pos[i] = pos0 + i
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = 0
+            b.logits[i] = 1 if all_logits or (last and i == n - 1) else 0
+        b.n_tokens = n
+        rt = self.runtime
+        if rt is not None:
+            rt.begin(chunk)
+        rc = ll.llama_decode(self._ctx, b)
+        if rt is not None:
+            if rt.status:
+                rt.abort()
+                rt.check()
+            if rc != 0:
+                rt.abort()
+        if rc != 0:
+            raise LlamaCppError(f"llama_decode failed with status {rc}"
+                                + (" (no room in the KV cache)" if rc == 1 else ""))
+        if rt is not None:
+            rt.commit()
+        self.tokens.extend(chunk)
+        if all_logits:
+            ptr = ll.llama_get_logits(self._ctx)
+            return np.ctypeslib.as_array(ptr, shape=(n * self.n_vocab,)).reshape(n, self.n_vocab).copy()
+        if not last:
+            return None
+        ptr = ll.llama_get_logits_ith(self._ctx, n - 1)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()[None, :]
+
+    def truncate(self, n: int) -> None:
+        """Keep only the first n positions (KV cache and Engram state)."""
+        n = max(0, min(int(n), len(self.tokens)))
+        if n == len(self.tokens):
+            return
+        if n == 0:
+            self.reset()
+            return
+        if not self._ll.llama_memory_seq_rm(self._mem, 0, n, -1):
+            self.reset()
+            return
+        if self.runtime is not None:
+            self.runtime.truncate(n)
+        del self.tokens[n:]
+
+    def reset(self) -> None:
+        """Forget the sequence: KV cache cleared, Engram history zero."""
+        if self._ctx:
+            self._ll.llama_memory_clear(self._mem, True)
+        if self.runtime is not None:
+            self.runtime.reset()
+        self.tokens = []
+
+    def set_overrides(self, sidecar, overrides) -> None:
+        """Swap the user memory (override stacks); the sequence is reset."""
+        if self.runtime is None:
+            raise RuntimeError("this session runs without an Engram")
+        layers = dict(zip(sidecar.layer_ids, self.runtime.layers))
+        overrides = dict(overrides or {})
+        unknown = sorted(set(overrides) - set(layers))
+        if unknown:
+            raise ValueError(f"override sets for layers {unknown}, but the model's Engram layers are "
+                             f"{sorted(layers)}")
+        for layer, kernel in layers.items():
+            kernel.set_overrides(overrides.get(layer, ()))
+        self.runtime.refresh_layers()
+        self.reset()
+
+    def close(self) -> None:
+        ll = self._ll
+        if self._batch is not None:
+            ll.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx:
+            ll.llama_free(self._ctx)
+            self._ctx = None
+        if self._adapter:
+            ll.llama_adapter_lora_free(self._adapter)
+            self._adapter = None
+        if self._model:
+            ll.llama_model_free(self._model)
+            self._model = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+class ContextFullError(ValueError):
+    """More tokens than the context (-c) holds."""
+
+    def __init__(self, n_past: int, n_new: int, n_ctx: int):
+        super().__init__(f"the context holds {n_ctx} tokens: {n_past} in use + {n_new} new do not fit "
+                         "(raise -c or shorten the prompt)")
+        self.n_past, self.n_new, self.n_ctx = n_past, n_new, n_ctx

@@ -1,0 +1,463 @@
+"""User memory: facts written as Engram row overrides (`remember`, `facts`, `forget`).
+
+A fact is (prompt, answer). Writing it (engram_local.writer) fits a few rows of the write
+layer's table so that greedy generation from the prompt produces the whole answer; the rows,
+each bound to the exact N-gram key it was written for, go into the user's .eov file
+(engram_local.overrides) with a ledger of the facts. At run time the file's override sets are
+stacked over the shared table (`open_overrides`); text that never looks up a written (row, key)
+is bit-for-bit unchanged.
+
+Where facts come from:
+  * STATEMENT: a plain sentence split by `split_statement` (rule in its docstring);
+  * --prompt/--answer pairs;
+  * --from-jsonl: lines {"prompt": ..., "answer": ..., "id"?: ..., "paraphrases"?: [...]};
+  * --from-user-json: the paper's user files, with the paper's prompt rule (`user_json_facts`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from engram_local import constants
+
+# --------------------------------------------------------------------------- facts
+
+
+@dataclass
+class NewFact:
+    """A fact to write: its answer follows `prompt`; `paraphrases` are more trigger prompts."""
+    prompt: str
+    answer: str
+    id: str | None = None
+    paraphrases: list[str] = field(default_factory=list)
+
+
+class FactInputError(ValueError):
+    """A fact that cannot be read or split; nothing is written."""
+
+
+_TRAILING = ".!;"
+# Words after which an answer may start. Copulas and prepositions match in any case; the
+# articles only in lower case (a capitalised "The" is taken as part of a name).
+_LINKS = ("is", "are", "was", "were", "am", "in", "at", "on", "by", "to", "from", "for", "with",
+          "of", "as", "into", "near", "named", "called")
+_ARTICLES = ("a", "an", "the")
+_LINK_RE = re.compile(r"(?:\b(?:" + "|".join(_LINKS) + r")\b|(?<=\w)'m\b|(?<=\w)'re\b)", re.IGNORECASE)
+_ARTICLE_RE = re.compile(r"\b(?:" + "|".join(_ARTICLES) + r")\b")
+
+
+def split_statement(statement: str) -> tuple[str, str]:
+    """(prompt, answer) of a plain sentence such as "My doctor is Dr. Krause.".
+
+    Rule: drop surrounding whitespace and one final ".", "!" or ";" (a question is refused);
+    if the sentence has a colon, the answer is what follows the last colon ("Home city:
+    Portland"); otherwise the answer is what follows the LAST linking word - a copula (is, are,
+    was, were, am, 'm, 're), a preposition (in, at, on, by, to, from, for, with, of, as, into,
+    near), "named"/"called", or a lower-case article (a, an, the). The prompt is everything up
+    to and including that word. Examples: "My doctor is Dr. Krause." -> ("My doctor is",
+    "Dr. Krause"); "I live in Portland" -> ("I live in", "Portland"); "My usual coffee order is
+    a cortado." -> ("My usual coffee order is a", "cortado"); "I have a cat named Figaro" ->
+    ("I have a cat named", "Figaro"). An answer that itself contains a linking word ("Lord of
+    the Rings") is cut at it: give such facts with --prompt/--answer.
+    """
+    s = " ".join(statement.split())
+    if s.endswith("?"):
+        raise FactInputError(f"{statement!r} is a question, not a statement of a fact")
+    if s and s[-1] in _TRAILING:
+        s = s[:-1].rstrip()
+    if not s:
+        raise FactInputError("empty statement")
+    cut = None
+    if ":" in s:
+        cut = s.rindex(":") + 1
+    else:
+        for m in list(_LINK_RE.finditer(s)) + list(_ARTICLE_RE.finditer(s)):
+            if cut is None or m.end() > cut:
+                cut = m.end()
+    if cut is None or not s[cut:].strip() or not s[:cut].strip():
+        raise FactInputError(
+            f"cannot split {statement!r} into a prompt and an answer: no linking word (is, are, was, "
+            f"in, at, named, ...) or colon followed by the answer; give it as --prompt TEXT --answer TEXT")
+    return s[:cut].rstrip(), s[cut:].strip()
+
+
+def _answer_text(answer) -> str:
+    if isinstance(answer, list):
+        return ", ".join(map(str, answer))
+    return str(answer)
+
+
+def prompt_from_sentence(sentence: str, answer: str) -> str | None:
+    """The paper's rule for one paraphrase: if it ends with the answer (a trailing "." stripped),
+    the prompt is the sentence without the answer; otherwise None."""
+    s = sentence.rstrip().removesuffix(".")
+    if answer and s.endswith(answer):
+        p = s[: -len(answer)].rstrip()
+        return p or None
+    return None
+
+
+def user_json_facts(path: str | os.PathLike, paraphrases: bool = False) -> list[NewFact]:
+    """Facts of one of the paper's user files (users/*.json: {facts: [{key, answer,
+    paraphrases}]}) by the paper's rule: the prompt is the first paraphrase that ends with the
+    answer (trailing "." stripped), minus the answer; without one, "My <key words> is". The id
+    is the fact's key. With `paraphrases`, the other paraphrases ending with the answer become
+    extra trigger prompts (the paper's multi-trigger writing)."""
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+        raw = doc["facts"]
+        if not isinstance(raw, list):
+            raise TypeError("facts is not a list")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise FactInputError(f"{path}: not a user file with a list of facts ({exc})") from None
+    out = []
+    for i, f in enumerate(raw):
+        try:
+            key, answer, paras = str(f["key"]), _answer_text(f["answer"]), list(f.get("paraphrases", []))
+        except (KeyError, TypeError) as exc:
+            raise FactInputError(f"{path}: fact {i} lacks {exc}") from None
+        prompts = [p for p in (prompt_from_sentence(str(s), answer) for s in paras) if p]
+        main = prompts[0] if prompts else f"My {key.replace('_', ' ')} is"
+        extra = [p for p in dict.fromkeys(prompts[1:]) if p != main] if paraphrases else []
+        out.append(NewFact(prompt=main, answer=answer, id=key, paraphrases=extra))
+    return out
+
+
+def jsonl_facts(path: str | os.PathLike) -> list[NewFact]:
+    """Facts of a JSON-lines file: {"prompt", "answer", "id"?, "paraphrases"?} per line.
+
+    A paraphrase that ends with the answer gives the prompt before it (the paper's rule);
+    any other paraphrase is itself a prompt the answer must follow."""
+    out = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FactInputError(f"{path}: cannot read: {exc}") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+        except ValueError as exc:
+            raise FactInputError(f"{path}:{n}: not JSON ({exc})") from None
+        if not isinstance(d, dict) or "prompt" not in d or "answer" not in d:
+            raise FactInputError(f"{path}:{n}: each line needs \"prompt\" and \"answer\"")
+        answer = _answer_text(d["answer"])
+        paras = d.get("paraphrases") or []
+        if not isinstance(paras, list):
+            raise FactInputError(f"{path}:{n}: \"paraphrases\" must be a list of strings")
+        prompts = []
+        for p in paras:
+            p = str(p)
+            prompts.append(prompt_from_sentence(p, answer) or p.rstrip())
+        out.append(NewFact(prompt=str(d["prompt"]), answer=answer,
+                           id=None if d.get("id") is None else str(d["id"]),
+                           paraphrases=[p for p in dict.fromkeys(prompts) if p and p != d["prompt"]]))
+    return out
+
+
+# --------------------------------------------------------------------------- model identity
+
+def model_fingerprint(em) -> int:
+    """The fingerprint of an in-memory EngramModel: the sidecar fingerprint's byte stream
+    (gguf_io.Sidecar.compute_fingerprint: hash configuration, canonical map, per layer the hash
+    constants and the table bytes) over this model's own tables, stored as F32."""
+    import struct
+
+    import torch
+    import xxhash
+
+    def i64(*v):
+        return struct.pack(f"<{len(v)}q", *v)
+
+    cfg, layout = em.cfg, em.layout
+    h = xxhash.xxh3_64()
+    h.update(constants.FINGERPRINT_MAGIC)
+    h.update(i64(constants.FINGERPRINT_VERSION, cfg.max_ngram_size, cfg.n_head_per_ngram,
+                 cfg.head_dim, cfg.pad_id, cfg.compressed_vocab_size, len(cfg.layer_ids)))
+    cmap = em.canonical_map.cpu().numpy().astype("<i8")
+    h.update(i64(cmap.shape[0]))
+    h.update(np.ascontiguousarray(cmap))
+    for layer in cfg.layer_ids:
+        table = em.engram[str(layer)].table.detach().to(torch.float32).cpu().numpy()
+        h.update(i64(layer, constants.QTYPE_F32, table.shape[0], table.shape[1]))
+        args = layout.kernel_args(layer)
+        for name in ("multipliers", "primes", "offsets"):
+            h.update(np.ascontiguousarray(args[name], dtype="<i8"))
+        h.update(np.ascontiguousarray(table, dtype="<f4").tobytes())
+    return h.intdigest()
+
+
+def fingerprint_of(model: str | os.PathLike | None) -> int:
+    """The fingerprint user memory binds to, without loading the model when it is a MODEL_DIR."""
+    from engram_local.loader import ModelDir, resolve
+
+    target = resolve(model)
+    if isinstance(target, ModelDir):
+        from engram_local.gguf_io import open_sidecar
+
+        return int(open_sidecar(target.engram).fingerprint)
+    from engram_local.checkpoint import load_engram_model
+
+    em, _ = load_engram_model(target)
+    return model_fingerprint(em)
+
+
+def load_model_for_memory(model: str | os.PathLike | None = None):
+    """(EngramModel, tokenizer, fingerprint) of a MODEL_DIR, a checkpoint or the default model,
+    with no user memory attached (the skill adapter, when the model has one, is applied)."""
+    from engram_local.loader import load_model
+
+    em, tok, md = load_model(model)
+    if md is not None:
+        from engram_local.gguf_io import open_sidecar
+
+        fp = int(open_sidecar(md.engram).fingerprint)
+    else:
+        fp = model_fingerprint(em)
+    return em, tok, fp
+
+
+# --------------------------------------------------------------------------- run time
+
+def open_overrides(paths: Sequence[str | os.PathLike], model_fingerprint: int | None):
+    """{layer: [OverrideSet, ...]} of .eov files for the model with `model_fingerprint`, in
+    the order given (pass the list as a layer's stack: a later file wins on a shared row).
+    A file for another model raises MemoryFileError (a ValueError) naming both fingerprints."""
+    from engram_local.overrides import read_memory_file
+
+    stacks: dict[int, list] = {}
+    for path in paths:
+        mf = read_memory_file(path, model_fingerprint)
+        for layer, s in sorted(mf.layers.items()):
+            stacks.setdefault(layer, []).append(s)
+    return stacks
+
+
+def open_overrides_for_model(paths: Sequence[str | os.PathLike], model: str | os.PathLike | None):
+    """open_overrides for the model at `model` (MODEL_DIR, checkpoint or None = default)."""
+    return open_overrides(paths, fingerprint_of(model))
+
+
+def attach_overrides(em, stacks) -> None:
+    """Serve each layer of an in-memory EngramModel (own tables) through a native Gatherer under
+    the override stacks `{layer: [OverrideSet, ...]}` (for checkpoints; a MODEL_DIR gets them
+    from `loader.load_model(path, overrides)`)."""
+    from engram_local import native
+
+    for layer, sets in stacks.items():
+        eng = em.engram[str(layer)]
+        if eng.source is not None:
+            raise ValueError(f"layer {layer} already reads through a source; reload the model with overrides")
+        table = eng.table.detach().float().contiguous().numpy()
+        eng.source = native.Gatherer(native.Table(table, constants.QTYPE_F32, table.shape[0],
+                                                  table.shape[1]), list(sets))
+        eng._table_keepalive = table
+
+
+# --------------------------------------------------------------------------- writing and forgetting
+
+@dataclass
+class WriteReport:
+    new_ids: list[str]
+    recalled: dict[str, bool]
+    rows: int
+    file_bytes: int
+    seconds: float
+    steps: int
+
+
+def _fit_inputs(mf, write_layer: int):
+    """existing {(row, key): value} of the write layer, owners {fact id: [(row, key)]}."""
+    existing, keys_of_entry = {}, []
+    values = mf.values() if mf.layers else np.zeros((0, 0), np.float32)
+    for i, (layer, row, key) in enumerate(mf.entries()):
+        keys_of_entry.append((layer, row, key))
+        if layer == write_layer:
+            existing[(row, key)] = values[i]
+    owner = {f.id: [(keys_of_entry[e][1], keys_of_entry[e][2]) for e in f.entries
+                    if keys_of_entry[e][0] == write_layer] for f in mf.facts}
+    return existing, owner
+
+
+def _write_result(path, mf, res, facts_meta, write_layer: int, value_type: str, fingerprint: int):
+    """Write the fit's entries for the write layer, other layers as they were, and the ledger."""
+    from engram_local.overrides import write_memory_file
+
+    dtype = np.float16 if value_type == "f16" else np.float32
+    sets, base = {}, 0
+    offsets = {}
+    layers = sorted(set(mf.layers) | {write_layer})
+    for layer in layers:
+        if layer == write_layer:
+            sets[layer] = (res.rows, res.keys, res.values.astype(dtype))
+            n = len(res.rows)
+        else:
+            s = mf.layers[layer]
+            sets[layer] = (np.array(s.rows), None if s.keys is None else np.array(s.keys), np.array(s.values))
+            n = len(s)
+        offsets[layer] = base
+        base += n
+    # entries of other layers a fact listed keep their (shifted) indices
+    old_entries = mf.entries()
+    old_off, acc = {}, 0
+    for layer in sorted(mf.layers):
+        old_off[layer] = acc
+        acc += len(mf.layers[layer])
+    for f in facts_meta:
+        entries = [offsets[write_layer] + e for e in res.fact_entries.get(f.id, [])]
+        for e in f.entries:
+            layer = old_entries[e][0] if e < len(old_entries) else None
+            if layer is not None and layer != write_layer:
+                entries.append(offsets[layer] + e - old_off[layer])
+        f.entries = sorted(set(entries))
+    write_memory_file(path, fingerprint, sets, facts_meta)
+
+
+def _next_ids(taken: set[str], n: int) -> list[str]:
+    nums = [int(t[1:]) for t in taken if re.fullmatch(r"f\d+", t)]
+    start = max(nums, default=0) + 1
+    out = []
+    while len(out) < n:
+        cand = f"f{start}"
+        if cand not in taken:
+            out.append(cand)
+        start += 1
+    return out
+
+
+def remember(path: str | os.PathLike, new: Iterable[NewFact], em, tok, fingerprint: int,
+             method: str = "joint", value_type: str | None = None, settings=None,
+             progress=None) -> WriteReport:
+    """Add facts to the .eov file at `path` (created if missing), refitting what the new rows
+    touch; returns the new facts' ids. Nothing is written when any fact is invalid."""
+    import time
+
+    from engram_local.overrides import LedgerFact, MemoryFile, locked, read_memory_file, utc_now
+    from engram_local.writer import FactIn, FitError, FitSettings, Fitter, answer_tokens
+
+    t0 = time.time()
+    new = list(new)
+    if not new:
+        raise FactInputError("no facts given")
+    wl = em.cfg.write_layer
+    with locked(path):
+        if os.path.exists(path):
+            mf = read_memory_file(path, fingerprint)
+        else:
+            mf = MemoryFile(fingerprint=fingerprint)
+        taken = {f.id for f in mf.facts}
+        by_prompt = {f.prompt: f for f in mf.facts}
+        ids_given = [f.id for f in new if f.id is not None]
+        fresh = iter(_next_ids(taken | set(ids_given), sum(f.id is None for f in new)))
+        seen_prompts = {}
+        for f in new:
+            if f.id is None:
+                f.id = next(fresh)
+            if not f.id or any(c.isspace() for c in f.id):
+                raise FactInputError(f"fact id {f.id!r}: ids must be non-empty and contain no spaces")
+            if f.id in taken:
+                raise FactInputError(f"fact id {f.id!r} is already in {path}; forget it first to rewrite it")
+            for p in [f.prompt] + list(f.paraphrases):
+                other = by_prompt.get(p) or seen_prompts.get(p)
+                if other is not None:
+                    raise FactInputError(f"prompt {p!r} of fact {f.id!r} is already written for fact "
+                                         f"{other.id!r}; forget that one first")
+                seen_prompts[p] = f
+            taken.add(f.id)
+            try:
+                for p in [f.prompt] + list(f.paraphrases):
+                    answer_tokens(tok, p, f.answer)
+            except FitError as exc:
+                raise FactInputError(f"fact {f.id!r}: {exc}") from None
+        vt = value_type or (mf.value_type() if mf.layers else "f16")
+        s = settings or FitSettings()
+        s.method, s.value_dtype = method, vt
+        fitter = Fitter(em, tok, s, progress=progress)
+        old = [FactIn(f.id, [f.prompt] + list(f.paraphrases), f.answer) for f in mf.facts]
+        existing, owner = _fit_inputs(mf, wl)
+        ins = old + [FactIn(f.id, [f.prompt] + list(f.paraphrases), f.answer) for f in new]
+        res = fitter.fit(ins, existing, owner)
+        now = utc_now()
+        meta = list(mf.facts) + [LedgerFact(id=f.id, prompt=f.prompt, answer=f.answer,
+                                            paraphrases=list(f.paraphrases), written=now, method=method)
+                                 for f in new]
+        for f in mf.facts:        # keep other layers' indices; the write layer's come from the fit
+            pass
+        _write_result(path, mf, res, meta, wl, vt, fingerprint)
+        size = os.path.getsize(path)
+    return WriteReport(new_ids=[f.id for f in new], recalled=res.recalled, rows=len(res.rows),
+                       file_bytes=size, seconds=time.time() - t0, steps=res.steps)
+
+
+def greedy(em, tok, prompt: str, n: int, stacks=None) -> list[int]:
+    """n greedy tokens after `prompt` (full forward per token; for short checks)."""
+    import torch
+
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = em(torch.tensor([ids + out])).logits[0, -1]
+            out.append(int(logits.argmax()))
+    return out
+
+
+def forget(path: str | os.PathLike, fact_ids: Sequence[str], em, tok, fingerprint: int,
+           settings=None, progress=None) -> WriteReport:
+    """Remove facts: their ledger entries and every row only they used are dropped, rows they
+    shared are refitted for the remaining facts, and when the forgotten prompt still looks up a
+    remaining row, the refit also holds that prompt to the model's own continuation. The file is
+    rewritten whole, so none of the forgotten facts' text or rows remain in its bytes."""
+    import time
+
+    from engram_local.overrides import locked, read_memory_file
+    from engram_local.writer import FactIn, FitSettings, Fitter, answer_tokens
+
+    t0 = time.time()
+    wl = em.cfg.write_layer
+    with locked(path):
+        mf = read_memory_file(path, fingerprint)
+        known = {f.id for f in mf.facts}
+        unknown = [i for i in fact_ids if i not in known]
+        if unknown:
+            raise FactInputError(f"{path}: no fact with id {', '.join(map(repr, unknown))} "
+                                 f"(ids: {', '.join(sorted(known)) or 'none'})")
+        gone = [f for f in mf.facts if f.id in set(fact_ids)]
+        keep = [f for f in mf.facts if f.id not in set(fact_ids)]
+        existing, owner = _fit_inputs(mf, wl)
+        kept_keys = {k for f in keep for k in owner[f.id]}
+        orphan_keys = {k for k in existing if not any(k in v for v in owner.values())}
+        existing = {k: v for k, v in existing.items() if k in kept_keys or k in orphan_keys}
+        owner = {f.id: owner[f.id] for f in keep}
+        s = settings or FitSettings()
+        s.value_dtype = mf.value_type() if mf.layers else "f16"
+        fitter = Fitter(em, tok, s, progress=progress)
+        ins = [FactIn(f.id, [f.prompt] + list(f.paraphrases), f.answer) for f in keep]
+        # the forgotten prompts: if they still read a remaining row, hold them to the model's own
+        # continuation without any memory
+        for f in gone:
+            for p in [f.prompt] + list(f.paraphrases):
+                n = len(answer_tokens(tok, p, f.answer)[1])
+                ins.append(FactIn(f"forgotten:{len(ins)}", [p], f.answer, keep_out=True,
+                                  keep_out_tokens=greedy(em, tok, p, n)))
+        if any(not f.keep_out for f in ins) or existing:
+            res = fitter.fit(ins, existing, owner)
+        else:
+            res = None
+        if res is None:
+            from engram_local.writer import FitResult
+            res = FitResult(rows=np.zeros(0, np.int64), keys=np.zeros(0, np.int64),
+                            values=np.zeros((0, em.cfg.head_dim), np.float32), fact_entries={},
+                            recalled={})
+        _write_result(path, mf, res, keep, wl, s.value_dtype, fingerprint)
+        size = os.path.getsize(path)
+    return WriteReport(new_ids=[], recalled=res.recalled, rows=len(res.rows), file_bytes=size,
+                       seconds=time.time() - t0, steps=res.steps)

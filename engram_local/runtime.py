@@ -1,0 +1,404 @@
+"""Backend-independent generation: load a model with a user's memory, prompt it, stream text.
+
+`Session` opens a MODEL_DIR (or an Engram checkpoint, torch only), stacks the user's override
+files over the Engram table (later files win on shared rows; a file bound to another model is
+refused), and runs one of two backends behind one small interface (`tokenize`, `eval`,
+`truncate`, `reset`, `detokenize`, `is_eog`, `tokens`):
+
+  * llama.cpp (llama_backend.LlamaCppBackend): the backbone GGUF in llama.cpp, the Engram in C
+    inside llama.cpp's graph; the default where llama-cpp-python is installed;
+  * torch (torch_backend.TorchBackend): the same model in PyTorch, CPU or CUDA.
+
+Generation reuses the backend's KV cache: a new prompt that extends what the cache holds (the
+next chat turn) decodes only the new tokens; where it diverges, the cache and the Engram state
+are rolled back to the common prefix.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from engram_local.sampling import Sampler
+
+BACKENDS = ("auto", "llama.cpp", "torch")
+DEFAULT_CTX = 2048
+
+# Used when a backbone has no chat template of its own.
+CHATML_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + "
+                   "message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+                   "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+class RunError(Exception):
+    """A problem with the user's input (files, prompt, options), explained in the message."""
+
+
+class PromptTooLong(RunError):
+    pass
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- overrides
+
+def open_override_stack(paths: Sequence[str | os.PathLike], sidecar, allow_missing_last: bool = False):
+    """{layer: [native.OverrideSet, ...]} of the override files in order (later wins).
+
+    Every file must exist, be readable, be an override file and be bound to this model's
+    fingerprint; `allow_missing_last` lets the last one not exist yet (it is created by the
+    first /remember).
+    """
+    from engram_local import constants
+    from engram_local.gguf_io import GGUFFormatError, scan_gguf
+    from engram_local.memory import open_overrides
+
+    stack: dict[int, list] = {}
+    model_fp = int(sidecar.fingerprint)
+    for i, path in enumerate(paths):
+        path = Path(path)
+        if not path.exists():
+            if allow_missing_last and i == len(paths) - 1:
+                continue
+            raise RunError(f"{path}: override file not found")
+        if path.is_dir():
+            raise RunError(f"{path}: is a directory, not an override (.eov) file")
+        if not os.access(path, os.R_OK):
+            raise RunError(f"{path}: override file is not readable (permission denied)")
+        try:
+            header = scan_gguf(path)
+        except (GGUFFormatError, OSError) as exc:
+            raise RunError(f"{path}: not a readable override file: {exc}") from None
+        if header.architecture != constants.EOV_ARCH:
+            raise RunError(f"{path}: not an override (.eov) file (general.architecture "
+                           f"{header.architecture!r})")
+        file_fp = header.fields.get(constants.KEY_EOV_FINGERPRINT)
+        if file_fp != model_fp:
+            shown = f"{file_fp:#018x}" if isinstance(file_fp, int) else repr(file_fp)
+            raise RunError(f"{path}: this memory file belongs to another model (written for model "
+                           f"fingerprint {shown}; the loaded model {sidecar.path.parent} has "
+                           f"{model_fp:#018x}) - refusing to use it")
+        try:
+            sets = open_overrides([path], model_fp)
+        except (ValueError, OSError) as exc:
+            msg = str(exc)
+            raise RunError(msg if str(path) in msg else f"{path}: {msg}") from None
+        for layer, layer_sets in sets.items():
+            if layer not in sidecar.layer_ids:
+                raise RunError(f"{path}: has rows for layer {layer}, but the model's Engram layers "
+                               f"are {sidecar.layer_ids}")
+            stack.setdefault(layer, []).extend(layer_sets)
+    return stack
+
+
+# --------------------------------------------------------------------------- chat template
+
+def render_chat(template: str | None, messages: list[dict], *, bos_token: str = "", eos_token: str = "",
+                add_generation_prompt: bool = True) -> str:
+    """The chat template applied to `messages` (jinja2, as transformers renders it)."""
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def strftime_now(fmt):
+        return time.strftime(fmt)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols"])
+    env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
+    import json as _json
+    env.filters["tojson"] = lambda x, indent=None, **kw: _json.dumps(x, ensure_ascii=False, indent=indent)
+    try:
+        tmpl = env.from_string(template or CHATML_TEMPLATE)
+        return tmpl.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                           bos_token=bos_token, eos_token=eos_token)
+    except jinja2.exceptions.TemplateError as exc:
+        raise RunError(f"the model's chat template failed: {exc}") from None
+
+
+# --------------------------------------------------------------------------- timings
+
+@dataclass
+class Timings:
+    prompt_tokens: int = 0
+    prompt_s: float = 0.0
+    generated_tokens: int = 0
+    decode_tokens: int = 0          # tokens produced after the first (each one eval + sample)
+    decode_s: float = 0.0
+    first_token_ms: float | None = None
+
+    def add(self, other: "Timings") -> None:
+        self.prompt_tokens += other.prompt_tokens
+        self.prompt_s += other.prompt_s
+        self.generated_tokens += other.generated_tokens
+        self.decode_tokens += other.decode_tokens
+        self.decode_s += other.decode_s
+        if self.first_token_ms is None:
+            self.first_token_ms = other.first_token_ms
+
+    def as_dict(self) -> dict:
+        def rate(n, s):
+            return round(n / s, 2) if s > 0 and n > 0 else 0.0
+        return {"prompt_tokens": self.prompt_tokens,
+                "prompt_tokens_per_s": rate(self.prompt_tokens, self.prompt_s),
+                "generated_tokens": self.generated_tokens,
+                "generated_tokens_per_s": rate(self.decode_tokens, self.decode_s),
+                "first_token_ms": round(self.first_token_ms, 2) if self.first_token_ms is not None else None}
+
+
+@dataclass
+class Generation:
+    text: str
+    tokens: list[int]
+    stop: str                       # "eog", "length", "context"
+    timings: Timings = field(default_factory=Timings)
+
+
+class _TextStream:
+    """Incremental detokenisation: emits text only once its UTF-8 bytes are complete."""
+
+    def __init__(self, backend, on_text: Callable[[str], None] | None):
+        self.backend, self.on_text = backend, on_text
+        self.tokens: list[int] = []
+        self.emitted = ""
+        self._bytes = getattr(backend, "token_bytes", None)
+        self._buf = b""
+        self._cache: dict[int, bytes] = {}
+
+    def _text(self, final: bool) -> str:
+        if self._bytes is not None:
+            return self._buf.decode("utf-8", "replace")
+        return self.backend.detokenize(self.tokens)
+
+    def push(self, token: int) -> None:
+        self.tokens.append(token)
+        if self._bytes is not None:
+            b = self._cache.get(token)
+            if b is None:
+                b = self._cache[token] = self._bytes(token)
+            self._buf += b
+        text = self._text(False)
+        if text.endswith("\ufffd"):
+            return                   # an incomplete UTF-8 sequence: wait for the next token
+        self._emit(text)
+
+    def _emit(self, text: str) -> None:
+        if text.startswith(self.emitted):
+            new = text[len(self.emitted):]
+            if new:
+                self.emitted = text
+                if self.on_text:
+                    self.on_text(new)
+
+    def finish(self) -> str:
+        text = self._text(True)
+        self._emit(text)
+        return text
+
+
+# --------------------------------------------------------------------------- the session
+
+class Session:
+    """A loaded model (one backend) with a user's override stack, ready to generate."""
+
+    def __init__(self, model: str | os.PathLike | None = None, *, overrides: Sequence[str] = (),
+                 backend: str = "auto", n_ctx: int = DEFAULT_CTX, n_threads: int | None = None,
+                 n_gpu_layers: int = 0, device: str | None = None, skill: bool = True,
+                 allow_missing_last_override: bool = False, log: Callable[[str], None] = _stderr,
+                 kv_f32: bool = False):
+        from engram_local import loader
+
+        if backend not in BACKENDS:
+            raise RunError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        if n_ctx < 16:
+            raise RunError(f"-c {n_ctx}: the context must hold at least 16 tokens")
+        self.log = log
+        self.override_paths = [Path(p) for p in overrides]
+        if model is not None:
+            p = Path(model)
+            if not p.exists():
+                raise RunError(f"{p}: model not found (pass a MODEL_DIR from `engram-local convert`)")
+            if not os.access(p, os.R_OK):
+                raise RunError(f"{p}: model is not readable (permission denied)")
+        try:
+            target = loader.resolve(model)
+        except FileNotFoundError as exc:
+            raise RunError(str(exc)) from None
+        self.model_dir = target if isinstance(target, loader.ModelDir) else None
+        self.checkpoint = None if self.model_dir is not None else Path(target)
+        self.sidecar = None
+        stack = {}
+        if self.model_dir is not None:
+            from engram_local.gguf_io import GGUFFormatError, open_sidecar
+
+            for f in (self.model_dir.backbone, self.model_dir.engram):
+                if not os.access(f, os.R_OK):
+                    raise RunError(f"{f}: not readable (permission denied)")
+            try:
+                self.sidecar = open_sidecar(self.model_dir.engram)
+            except (GGUFFormatError, OSError) as exc:
+                raise RunError(str(exc)) from None
+            stack = open_override_stack(self.override_paths, self.sidecar, allow_missing_last_override)
+        elif self.override_paths:
+            raise RunError(f"{self.checkpoint}: user memory (--overrides) needs a MODEL_DIR; convert the "
+                           "checkpoint with `engram-local convert` first")
+        self.overrides = stack
+
+        choice = backend
+        if choice == "auto":
+            from engram_local import llama_backend
+
+            use_llama = (self.model_dir is not None and llama_backend.available()
+                         and (device in (None, "cpu")))
+            choice = "llama.cpp" if use_llama else "torch"
+        if choice == "llama.cpp":
+            from engram_local import llama_backend
+
+            if self.model_dir is None:
+                raise RunError(f"{self.checkpoint}: the llama.cpp backend needs a MODEL_DIR with a "
+                               "backbone GGUF (convert the checkpoint, or use --backend torch)")
+            if not llama_backend.available():
+                raise RunError("--backend llama.cpp: llama-cpp-python is not installed "
+                               f"(pip install llama-cpp-python=={llama_backend.PINNED_LLAMA_CPP_PYTHON})")
+            if device not in (None, "cpu"):
+                log(f"engram-local: --device {device} applies to the torch backend; llama.cpp uses -ngl")
+            adapter = self.model_dir.adapter if skill else None
+            try:
+                self.backend = llama_backend.LlamaCppBackend(
+                    self.model_dir.backbone, sidecar=self.sidecar, overrides=stack, adapter=adapter,
+                    n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, kv_f32=kv_f32, log=log)
+            except (FileNotFoundError, PermissionError, llama_backend.LlamaCppError) as exc:
+                raise RunError(str(exc)) from None
+        else:
+            from engram_local.torch_backend import TorchBackend
+
+            _quiet_transformers()
+            try:
+                self.backend = TorchBackend(model, overrides=stack or None, skill=skill,
+                                            device=device or "cpu", n_ctx=n_ctx, n_threads=n_threads, log=log)
+            except (FileNotFoundError, PermissionError) as exc:
+                raise RunError(str(exc)) from None
+        self.backend_name = choice
+
+    # ---------------------------------------------------------------- prompts
+    @property
+    def n_ctx(self) -> int:
+        return self.backend.n_ctx
+
+    def special_tokens(self) -> dict:
+        be = self.backend
+        if hasattr(be, "tok"):
+            return {"bos_token": be.tok.bos_token or "", "eos_token": be.tok.eos_token or ""}
+        ll = be._ll
+        out = {}
+        for key, fn in (("bos_token", ll.llama_vocab_bos), ("eos_token", ll.llama_vocab_eos)):
+            t = fn(be.vocab)
+            out[key] = ll.llama_vocab_get_text(be.vocab, t).decode("utf-8", "replace") if t >= 0 else ""
+        return out
+
+    def chat_template(self) -> str | None:
+        return self.backend.chat_template
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        return render_chat(self.chat_template(), messages, add_generation_prompt=add_generation_prompt,
+                           **self.special_tokens())
+
+    def tokenize(self, text: str, chat: bool = False) -> list[int]:
+        """Token ids of a raw prompt, or (chat) of the text wrapped as one user turn."""
+        if chat:
+            return self.tokenize_rendered(self.render([{"role": "user", "content": text}]))
+        return self.backend.tokenize(text)
+
+    def tokenize_rendered(self, rendered: str) -> list[int]:
+        """Tokens of a rendered chat prompt: BOS only if the template did not write it."""
+        bos = self.special_tokens().get("bos_token") or None
+        add_bos = self.backend.add_bos and not (bos and rendered.startswith(bos))
+        return self.backend.tokenize(rendered, add_bos=add_bos)
+
+    # ---------------------------------------------------------------- generation
+    def generate(self, prompt: Sequence[int], n_predict: int, sampler: Sampler,
+                 on_text: Callable[[str], None] | None = None, ignore_eos: bool = False) -> Generation:
+        """Continue `prompt` by at most n_predict tokens (stopping at an end-of-generation token
+        or a full context, with a notice); streams text through on_text."""
+        be = self.backend
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise RunError("the prompt is empty")
+        if len(prompt) >= be.n_ctx:
+            raise PromptTooLong(f"the prompt is {len(prompt)} tokens but the context holds {be.n_ctx} "
+                                "(and at least one more is needed to generate): shorten the prompt "
+                                "or raise -c")
+        t0 = time.perf_counter()
+        common = 0
+        limit = min(len(be.tokens), len(prompt) - 1)   # the last prompt token is always decoded
+        while common < limit and be.tokens[common] == prompt[common]:
+            common += 1
+        be.truncate(common)
+        common = be.n_past                              # a backend may roll back further
+        logits = be.eval(prompt[common:])
+        t1 = time.perf_counter()
+        timings = Timings(prompt_tokens=len(prompt) - common, prompt_s=t1 - t0)
+        stream = _TextStream(be, on_text)
+        stop, t_first, t_last = "length", None, None
+        n_gen = 0
+        while n_gen < n_predict:
+            tok = sampler.sample(logits)
+            now = time.perf_counter()
+            if t_first is None:
+                t_first = now
+                timings.first_token_ms = (now - t0) * 1000.0
+            t_last = now
+            if be.is_eog(tok) and not ignore_eos:
+                stop = "eog"
+                break
+            n_gen += 1
+            stream.push(tok)
+            if n_gen >= n_predict:
+                break
+            if be.n_past >= be.n_ctx:
+                stop = "context"
+                self.log(f"\nengram-local: the context ({be.n_ctx} tokens, -c) is full: stopped after "
+                         f"{n_gen} generated tokens")
+                break
+            logits = be.eval([tok])
+        text = stream.finish()
+        timings.generated_tokens = n_gen
+        if t_first is not None and t_last is not None:
+            timings.decode_tokens = max(0, n_gen - 1) if stop != "eog" else n_gen
+            timings.decode_s = t_last - t_first
+        return Generation(text, stream.tokens, stop, timings)
+
+    def reset(self) -> None:
+        self.backend.reset()
+
+    def reload_overrides(self, allow_missing_last: bool = True) -> None:
+        """Re-read the override files (after a write) and swap them in; resets the sequence."""
+        if self.sidecar is None:
+            return
+        self.overrides = open_override_stack(self.override_paths, self.sidecar, allow_missing_last)
+        self.backend.set_overrides(self.sidecar, self.overrides)
+
+    def close(self) -> None:
+        close = getattr(self.backend, "close", None)
+        if close:
+            close()
+
+
+def _quiet_transformers() -> None:
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except Exception:  # noqa: BLE001 - cosmetic only
+        pass

@@ -1,0 +1,176 @@
+"""The torch backend: the same Engram model in PyTorch (CPU or CUDA), generated incrementally.
+
+`loader.load_model` builds the EngramModel (stock transformers backbone + Engram layers reading
+the memory-mapped table under the user's override stack, skill adapter merged). Generation keeps
+three pieces of per-sequence state, mirroring the llama.cpp backend:
+  * the backbone's KV cache (transformers DynamicCache; `crop` rolls it back),
+  * the canonical ids of the sequence (the N-gram hash's history),
+  * per Engram layer, the normalised gated value x of every position (read from the layer's
+    `norm_v` output): the short conv's history, so a roll-back to any position is exact.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+import numpy as np
+
+from engram_local import native
+
+# Texts of special tokens that end a turn (llama.cpp's llama-vocab.cpp detects the same ones).
+EOG_TEXTS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>",
+             "<|end_of_text|>", "<|return|>", "<|eom_id|>")
+
+
+class TorchBackend:
+    """One sequence on an EngramModel; same interface as llama_backend.LlamaCppBackend."""
+
+    name = "torch"
+
+    def __init__(self, model=None, *, overrides=None, skill: bool = True, device: str = "cpu",
+                 n_ctx: int = 2048, n_threads: int | None = None, log=None, loaded=None):
+        import torch
+
+        from engram_local.loader import load_model
+
+        self._log = log or (lambda msg: print(msg, file=sys.stderr))
+        if n_threads:
+            torch.set_num_threads(int(n_threads))
+        if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
+            raise ValueError(f"--device must be cpu or cuda, got {device!r}")
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError("--device cuda: this torch has no CUDA device "
+                               f"(torch {torch.__version__}, cuda available: False)")
+        em, tok = (loaded if loaded is not None else load_model(model, overrides, adapter=skill)[:2])
+        self.device = torch.device(device)
+        em.to(self.device)
+        # Hashing and table look-ups run on the CPU (native kernel); keep the map there.
+        em.canonical_map = em.canonical_map.cpu()
+        em.eval()
+        self.em, self.tok = em, tok
+        self.n_ctx = int(n_ctx)
+        self.n_vocab = int(em.backbone.config.vocab_size)
+        self.n_batch = 512
+        self.chat_template = getattr(tok, "chat_template", None)
+        with_special = tok("a")["input_ids"]
+        plain = tok("a", add_special_tokens=False)["input_ids"]
+        self.add_bos = len(with_special) > len(plain) and with_special[0] == tok.bos_token_id
+        self.eog = {int(tok.eos_token_id)} if tok.eos_token_id is not None else set()
+        vocab = tok.get_vocab()
+        self.eog |= {int(vocab[t]) for t in EOG_TEXTS if t in vocab}
+        cfg = em.cfg
+        self._n1 = cfg.max_ngram_size - 1
+        self._layers = list(cfg.layer_ids)
+        self._hist = {l: em.engram[str(l)].conv_history for l in self._layers}
+        self._x = {l: torch.zeros(self.n_ctx, cfg.hidden_size, device=self.device) for l in self._layers}
+        self._captured = {}
+        self._hooks = [em.engram[str(l)].norm_v.register_forward_hook(self._capture(l)) for l in self._layers]
+        self.tokens: list[int] = []
+        self._canon: list[int] = []
+        self._cache = None
+
+    def _capture(self, layer: int):
+        def hook(module, args, output):
+            self._captured[layer] = output.detach()
+        return hook
+
+    # ---------------------------------------------------------------- text
+    def tokenize(self, text: str, add_bos: bool | None = None) -> list[int]:
+        add = self.add_bos if add_bos is None else add_bos
+        ids = self.tok(text, add_special_tokens=False)["input_ids"]
+        return ([self.tok.bos_token_id] if add else []) + list(ids)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self.tok.decode(list(tokens), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def is_eog(self, token: int) -> bool:
+        return int(token) in self.eog
+
+    # ---------------------------------------------------------------- the sequence
+    @property
+    def n_past(self) -> int:
+        return len(self.tokens)
+
+    def eval(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        from engram_local.llama_backend import ContextFullError
+
+        tokens = [int(t) for t in tokens]
+        if not tokens:
+            raise ValueError("eval needs at least one token")
+        if len(self.tokens) + len(tokens) > self.n_ctx:
+            raise ContextFullError(len(self.tokens), len(tokens), self.n_ctx)
+        bad = [t for t in tokens if not 0 <= t < self.n_vocab]
+        if bad:
+            raise ValueError(f"token id {bad[0]} outside the vocabulary [0, {self.n_vocab})")
+        out = []
+        try:
+            for i in range(0, len(tokens), self.n_batch):
+                out.append(self._forward(tokens[i:i + self.n_batch], all_logits))
+        except BaseException:
+            self.reset()
+            raise
+        if all_logits:
+            return np.concatenate(out, axis=0)
+        return out[-1][-1]
+
+    def _forward(self, chunk: list[int], all_logits: bool) -> np.ndarray:
+        import torch
+        from transformers import DynamicCache
+
+        em, dev = self.em, self.device
+        p0, T = len(self.tokens), len(chunk)
+        ids = torch.tensor([chunk], dtype=torch.long)
+        history = np.asarray([self._canon[-self._n1:]], dtype=np.int64) if p0 else None
+        addr = em.addresses(ids, history)
+        memory = em.memory({l: r for l, (r, _) in addr.items()}, {l: k for l, (_, k) in addr.items()})
+        memory = {l: m.to(dev) for l, m in memory.items()}
+        conv_state = {}
+        for l in self._layers:
+            hist = self._hist[l]
+            state = torch.zeros(1, hist, em.cfg.hidden_size, device=dev)
+            n = min(hist, p0)
+            if n:
+                state[0, hist - n:] = self._x[l][p0 - n:p0]
+            conv_state[l] = state
+        if self._cache is None:
+            self._cache = DynamicCache()
+        self._captured.clear()
+        with torch.inference_mode():
+            out = em(ids.to(dev), memory=memory, conv_state=conv_state, past_key_values=self._cache,
+                     use_cache=True, logits_to_keep=0 if all_logits else 1)
+        self._cache = out.past_key_values
+        for l in self._layers:
+            x = self._captured.get(l)
+            self._x[l][p0:p0 + T] = x[0] if x is not None else 0.0   # Engram off: no history
+        canon = native.canonicalize(em.canonical_map.numpy(), np.asarray(chunk, dtype=np.int64))
+        self._canon.extend(int(c) for c in canon)
+        self.tokens.extend(chunk)
+        return out.logits[0].float().cpu().numpy()
+
+    def truncate(self, n: int) -> None:
+        n = max(0, min(int(n), len(self.tokens)))
+        if n == len(self.tokens):
+            return
+        if n == 0 or self._cache is None:
+            self.reset()
+            return
+        self._cache.crop(n - len(self.tokens))     # negative: remove that many (old and new API)
+        del self.tokens[n:]
+        del self._canon[n:]
+
+    def reset(self) -> None:
+        self._cache = None
+        self.tokens = []
+        self._canon = []
+
+    def set_overrides(self, sidecar, overrides) -> None:
+        from engram_local.loader import attach_tables
+
+        attach_tables(self.em, sidecar, overrides)
+        self.reset()
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []

@@ -1,0 +1,52 @@
+"""Tiny models and helpers for the user-memory tests (no files, no hub)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from tests.tiny import tiny_engram, tiny_tokenizer
+
+
+def tiny_memory_model(seed: int = 0):
+    """(EngramModel, tokenizer): the tiny random model with random tables and a conv, and
+    embeddings scaled up so logits span a few units (random init leaves them near zero)."""
+    em, _ = tiny_engram(random_tables=True, seed=seed)
+    with torch.no_grad():
+        em.backbone.get_output_embeddings().weight.mul_(30)
+    return em, tiny_tokenizer()
+
+
+def with_overrides(em, stacks):
+    """A context manager serving em's own tables through native Gatherers under `stacks`."""
+    import contextlib
+
+    from engram_local.memory import attach_overrides
+
+    @contextlib.contextmanager
+    def cm():
+        attach_overrides(em, stacks)
+        try:
+            yield em
+        finally:
+            for layer in stacks:
+                em.engram[str(layer)].source = None
+
+    return cm()
+
+
+def logits(em, ids, stacks=None):
+    x = torch.tensor([list(ids)])
+    with torch.no_grad():
+        if stacks:
+            with with_overrides(em, stacks):
+                return em(x).logits[0].clone()
+        return em(x).logits[0].clone()
+
+
+def greedy_text(em, tok, prompt: str, n: int, stacks=None) -> str:
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    out = []
+    for _ in range(n):
+        out.append(int(logits(em, ids + out, stacks)[-1].argmax()))
+    return tok.decode(ids + out)[len(tok.decode(ids)):]
