@@ -95,7 +95,8 @@ def ggml_api() -> dict:
     if _GGML is None:
         lib = _ggml_base_library()
         names = {"get_name": "ggml_get_name", "nelements": "ggml_nelements", "nbytes": "ggml_nbytes",
-                 "tensor_get": "ggml_backend_tensor_get", "tensor_set": "ggml_backend_tensor_set"}
+                 "tensor_get": "ggml_backend_tensor_get", "tensor_set": "ggml_backend_tensor_set",
+                 "is_contiguous": "ggml_is_contiguous"}
         _GGML = {key: ctypes.cast(getattr(lib, sym), ctypes.c_void_p).value for key, sym in names.items()}
         _GGML["_lib"] = lib
     return _GGML

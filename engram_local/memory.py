@@ -57,8 +57,8 @@ def split_statement(statement: str) -> tuple[str, str]:
     """(prompt, answer) of a plain sentence such as "My doctor is Dr. Krause.".
 
     Rule: drop surrounding whitespace and one final ".", "!" or ";" (a question is refused);
-    if the sentence has a colon, the answer is what follows the last colon ("Home city:
-    Portland"); otherwise the answer is what follows the LAST linking word - a copula (is, are,
+    if the sentence has a colon followed by a space, the answer is what follows the last one
+    ("Home city: Portland"; "10:00" is no such colon); otherwise the answer is what follows the LAST linking word - a copula (is, are,
     was, were, am, 'm, 're), a preposition (in, at, on, by, to, from, for, with, of, as, into,
     near), "named"/"called", or a lower-case article (a, an, the). The prompt is everything up
     to and including that word. Examples: "My doctor is Dr. Krause." -> ("My doctor is",
@@ -75,8 +75,9 @@ def split_statement(statement: str) -> tuple[str, str]:
     if not s:
         raise FactInputError("empty statement")
     cut = None
-    if ":" in s:
-        cut = s.rindex(":") + 1
+    colons = [m.end() - 1 for m in re.finditer(r":\s", s)]
+    if colons:
+        cut = colons[-1]
     else:
         for m in list(_LINK_RE.finditer(s)) + list(_ARTICLE_RE.finditer(s)):
             if cut is None or m.end() > cut:
@@ -363,6 +364,11 @@ def remember(path: str | os.PathLike, new: Iterable[NewFact], em, tok, fingerpri
                 f.id = next(fresh)
             if not f.id or any(c.isspace() for c in f.id):
                 raise FactInputError(f"fact id {f.id!r}: ids must be non-empty and contain no spaces")
+            try:
+                for p in [f.prompt] + list(f.paraphrases):
+                    answer_tokens(tok, p, f.answer)
+            except FitError as exc:
+                raise FactInputError(f"fact {f.id!r}: {exc}") from None
             if f.id in taken:
                 raise FactInputError(f"fact id {f.id!r} is already in {path}; forget it first to rewrite it")
             for p in [f.prompt] + list(f.paraphrases):
@@ -372,11 +378,6 @@ def remember(path: str | os.PathLike, new: Iterable[NewFact], em, tok, fingerpri
                                          f"{other.id!r}; forget that one first")
                 seen_prompts[p] = f
             taken.add(f.id)
-            try:
-                for p in [f.prompt] + list(f.paraphrases):
-                    answer_tokens(tok, p, f.answer)
-            except FitError as exc:
-                raise FactInputError(f"fact {f.id!r}: {exc}") from None
         vt = value_type or (mf.value_type() if mf.layers else "f16")
         s = settings or FitSettings()
         s.method, s.value_dtype = method, vt
@@ -389,8 +390,6 @@ def remember(path: str | os.PathLike, new: Iterable[NewFact], em, tok, fingerpri
         meta = list(mf.facts) + [LedgerFact(id=f.id, prompt=f.prompt, answer=f.answer,
                                             paraphrases=list(f.paraphrases), written=now, method=method)
                                  for f in new]
-        for f in mf.facts:        # keep other layers' indices; the write layer's come from the fit
-            pass
         _write_result(path, mf, res, meta, wl, vt, fingerprint)
         size = os.path.getsize(path)
     return WriteReport(new_ids=[f.id for f in new], recalled=res.recalled, rows=len(res.rows),

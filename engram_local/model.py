@@ -183,7 +183,7 @@ class EngramModel(nn.Module):
         from engram_local import native
 
         ids = input_ids.detach().cpu().numpy().astype(np.int64)
-        return native.canonicalize(self.canonical_map.numpy(), ids.reshape(-1)).reshape(ids.shape)
+        return native.canonicalize(self.canonical_map.cpu().numpy(), ids.reshape(-1)).reshape(ids.shape)
 
     def addresses(self, input_ids: torch.Tensor, history: np.ndarray | None = None):
         """{layer: (rows, keys)}: global row ids (B, T, (N-1)*K) and each look-up's exact key.

@@ -527,7 +527,8 @@ class EngramRuntime:
     """Per-sequence Engram state for llama.cpp's eval callback (native/engram.h `ek_runtime`).
 
     ggml: addresses (ints) of ggml_get_name, ggml_nelements, ggml_nbytes,
-    ggml_backend_tensor_get and ggml_backend_tensor_set in the libggml-base llama.cpp loaded.
+    ggml_backend_tensor_get, ggml_backend_tensor_set and ggml_is_contiguous in the
+    libggml-base llama.cpp loaded.
     Use `callback_address` as llama_context_params.cb_eval and `user_data_address` as
     cb_eval_user_data; per llama_decode: begin(tokens) -> decode -> commit() (or abort()).
     """
@@ -535,7 +536,8 @@ class EngramRuntime:
     _GGML_SIGS = {"get_name": "const char *(*)(void *)", "nelements": "int64_t (*)(void *)",
                   "nbytes": "size_t (*)(void *)",
                   "tensor_get": "void (*)(void *, void *, size_t, size_t)",
-                  "tensor_set": "void (*)(void *, const void *, size_t, size_t)"}
+                  "tensor_set": "void (*)(void *, const void *, size_t, size_t)",
+                  "is_contiguous": "bool (*)(void *)"}
 
     def __init__(self, layers: list[EngramLayerKernel], inject: list[int], canonical_map,
                  n_ctx: int, max_tokens: int, ggml: dict):

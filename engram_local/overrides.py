@@ -292,7 +292,7 @@ def read_memory_file(path: str | os.PathLike, fingerprint: int | None = None) ->
     try:
         reader = read_gguf(path)
     except ValueError as exc:
-        raise MemoryFileError(f"{exc} (the .eov file is damaged or not an .eov file)") from None
+        raise MemoryFileError(f"{exc} (the .eov file is damaged or truncated, or not an .eov file)") from None
 
     def value(key: str, required: bool = True):
         f = reader.fields.get(key)

@@ -286,7 +286,7 @@ class Session:
             try:
                 self.backend = TorchBackend(model, overrides=stack or None, skill=skill,
                                             device=device or "cpu", n_ctx=n_ctx, n_threads=n_threads, log=log)
-            except (FileNotFoundError, PermissionError) as exc:
+            except (FileNotFoundError, PermissionError, RuntimeError) as exc:
                 raise RunError(str(exc)) from None
         self.backend_name = choice
 

@@ -52,6 +52,7 @@ class FitError(ValueError):
 @dataclass
 class FitSettings:
     method: str = "joint"
+    optimizer: str = "adam"         # adam | rprop
     lr: float = 0.1                 # Adam step, relative to the row scale that moves the hidden
                                     # state by its own norm (see Fitter._calibrate)
     max_steps: int = 400            # optimizer steps at most (all components together)
@@ -524,7 +525,7 @@ class Fitter:
         if method == "opt":
             return self._optimize_opt(items, facts, entries, values)
         param = torch.nn.Parameter(torch.from_numpy(np.stack(values)) if values else torch.zeros(0, self.d))
-        opt = torch.optim.Adam([param], lr=self.lr)
+        opt = self._make_opt(param)
 
         def restage():
             nonlocal param, opt
@@ -535,12 +536,9 @@ class Fitter:
                 new = torch.from_numpy(np.stack(values[param.shape[0]:]))
                 old_state = opt.state.get(param, {})
                 param = torch.nn.Parameter(torch.cat([param.detach(), new]))
-                opt = torch.optim.Adam([param], lr=self.lr)
+                opt = self._make_opt(param)
                 if old_state:
-                    pad = torch.zeros(len(new), self.d)
-                    opt.state[param] = {"step": old_state["step"],
-                                        "exp_avg": torch.cat([old_state["exp_avg"], pad]),
-                                        "exp_avg_sq": torch.cat([old_state["exp_avg_sq"], pad])}
+                    opt.state[param] = self._grow_state(old_state, len(new))
             return comp
 
         comp = restage()
@@ -616,6 +614,19 @@ class Fitter:
         for ei in range(cur.shape[0]):
             values[ei] = cur[ei].copy()
         return step
+
+    def _make_opt(self, param):
+        if self.s.optimizer == "rprop":
+            return torch.optim.Rprop([param], lr=self.lr, step_sizes=(1e-3 * self.lr, 50 * self.lr))
+        return torch.optim.Adam([param], lr=self.lr)
+
+    def _grow_state(self, state, n_new):
+        out = dict(state)
+        for k, v in state.items():
+            if isinstance(v, torch.Tensor) and v.dim() == 2:
+                fill = self.lr if k == "step_size" else 0.0
+                out[k] = torch.cat([v, torch.full((n_new, v.shape[1]), fill, dtype=v.dtype)])
+        return out
 
     def _grow(self, items, comp_items, item_margins, place):
         pos_in_batch = item_margins

@@ -179,6 +179,7 @@ typedef struct {
     size_t (*nbytes)(void *tensor);
     void (*tensor_get)(void *tensor, void *data, size_t offset, size_t size);
     void (*tensor_set)(void *tensor, const void *data, size_t offset, size_t size);
+    bool (*is_contiguous)(void *tensor);
 } ek_ggml_api;
 
 /* One sequence of the llama.cpp backend. The caller owns every buffer. Per llama_decode call:

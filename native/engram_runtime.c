@@ -345,7 +345,7 @@ int32_t ek_runtime_init(ek_runtime *rt) {
     if (!rt->inject || !rt->canonical_map || !rt->ids || !rt->xs || !rt->fired)
         return fail(rt, EK_ERR_NULL, "runtime buffer missing");
     if (!rt->ggml.get_name || !rt->ggml.nelements || !rt->ggml.nbytes || !rt->ggml.tensor_get ||
-        !rt->ggml.tensor_set)
+        !rt->ggml.tensor_set || !rt->ggml.is_contiguous)
         return fail(rt, EK_ERR_NULL, "ggml entry point missing");
     for (int32_t i = 0; i < rt->n_layers; i++) {
         if (rt->inject[i] < 0) return fail(rt, EK_ERR_ARG, "negative Engram layer index");
@@ -477,10 +477,10 @@ bool ek_eval_callback(void *tensor, bool ask, void *user_data) {
     }
     const int64_t ne = rt->ggml.nelements(tensor);
     const size_t nb = rt->ggml.nbytes(tensor);
-    if (ne != T * D || nb != (size_t)ne * sizeof(float)) {
-        fail(rt, EK_ERR_SIZE, "%s holds %lld values in %zu bytes; expected %lld x %lld float32 "
-                              "(n_embd x batch tokens)", node, (long long)ne, nb, (long long)D,
-             (long long)T);
+    if (ne != T * D || nb != (size_t)ne * sizeof(float) || !rt->ggml.is_contiguous(tensor)) {
+        fail(rt, EK_ERR_SIZE, "%s holds %lld values in %zu bytes%s; expected %lld x %lld contiguous "
+                              "float32 (n_embd x batch tokens)", node, (long long)ne, nb,
+             rt->ggml.is_contiguous(tensor) ? "" : ", not contiguous", (long long)D, (long long)T);
         return false;
     }
     int64_t fi, ff;

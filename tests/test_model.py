@@ -133,3 +133,23 @@ def test_canonical_map_is_dense_surjective_first_appearance():
 def test_write_layer_must_be_an_engram_layer():
     with pytest.raises(ValueError, match="write_layer"):
         tiny_engram(layer_ids=(1,), write_layer=2)
+
+
+def test_qwen2_backbone_attaches_too():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from engram_local.model import EngramConfig, EngramModel
+
+    torch.manual_seed(0)
+    bb = Qwen2ForCausalLM(Qwen2Config(vocab_size=120, hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=3, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=128)).eval()
+    cfg = EngramConfig(hidden_size=64, compressed_vocab_size=120, pad_id=0, layer_ids=[1, 2],
+                       write_layer=2, head_dim=8, vocab_size_per_ngram=[50, 50])
+    em = EngramModel(bb, cfg, np.arange(120))
+    x = ids()
+    with torch.no_grad():
+        assert torch.equal(em(x).logits, bb(input_ids=x).logits)       # zero tables
+        for layer in em.engram.values():
+            layer.table.normal_()
+        assert not torch.allclose(em(x).logits, bb(input_ids=x).logits)

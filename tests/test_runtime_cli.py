@@ -175,3 +175,38 @@ def test_ctrl_c_during_generation_returns_to_the_prompt(md):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_repl_remember_facts_forget(md, tmp_path):
+    eov = tmp_path / "me.eov"
+    script = "/remember My doctor is Dr. Krause.\n/facts\nMy doctor is\n/forget f1\n/facts\n/exit\n"
+    r = run("-m", md, "--overrides", eov, "-n", "3", "--temp", "0", input=script)
+    assert r.exit_code == 0, r.stderr
+    assert "remembered [f1] 'My doctor is' -> 'Dr. Krause'" in r.stderr
+    assert "[f1] My doctor is Dr. Krause" in r.stderr
+    assert "forgot f1" in r.stderr and r.stderr.rstrip().endswith("(no facts yet)")
+    assert eov.exists()
+
+
+def test_reloading_overrides_equals_opening_them(md, tmp_path):
+    """Swapping a user's memory into a running session (after /remember) = starting with it."""
+    import numpy as np
+
+    from engram_local.gguf_io import open_sidecar
+    from engram_local.runtime import Session
+
+    eov = tmp_path / "later.eov"
+    for backend in ("llama.cpp", "torch"):
+        s = Session(md, overrides=[eov], backend=backend, n_ctx=64, n_threads=1,
+                    allow_missing_last_override=True)
+        ids = s.backend.tokenize(PROMPT)
+        before = s.backend.eval(ids)
+        if not eov.exists():
+            synthetic_overrides(md, eov, ids, open_sidecar(md / "engram.gguf").settings["write_layer"], scale=6.0)
+        s.reload_overrides()
+        after = s.backend.eval(ids)
+        fresh = Session(md, overrides=[eov], backend=backend, n_ctx=64, n_threads=1)
+        np.testing.assert_allclose(after, fresh.backend.eval(ids), atol=1e-5, rtol=1e-5)
+        assert np.abs(after - before).max() > 1e-3
+        s.close(), fresh.close()
+        eov.unlink()

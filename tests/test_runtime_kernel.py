@@ -137,7 +137,7 @@ def test_forward_rejects_bad_arguments():
 
 def _runtime(em, n_ctx=16, max_tokens=4):
     kernels = [_kernel(em, l) for l in em.cfg.layer_ids]
-    noop = {k: 1 for k in ("get_name", "nelements", "nbytes", "tensor_get", "tensor_set")}  # never called here
+    noop = {k: 1 for k in ("get_name", "nelements", "nbytes", "tensor_get", "tensor_set", "is_contiguous")}  # never called here
     return native.EngramRuntime(kernels, list(em.cfg.layer_ids), em.canonical_map.numpy(), n_ctx, max_tokens, noop)
 
 

@@ -239,3 +239,15 @@ def test_prompt_longer_than_context_is_an_error(md):
     g = s.generate(ids[:12], 50, Sampler(temp=0))
     assert g.stop == "context" and len(g.tokens) == 16 - 12 + 1 and "full" in notes[-1]
     s.close()
+
+
+def test_engram_at_layer_zero_reads_the_embedding_node(tmp_path_factory):
+    """Layer 0's input is llama.cpp's `embd` node, not an l_out."""
+    md0 = shared_model_dir(tmp_path_factory, "model-layer0", layer_ids=(0, 2), write_layer=2)
+    a = Session(md0, backend="llama.cpp", n_ctx=64, n_threads=1, kv_f32=True)
+    b = Session(md0, backend="torch", n_ctx=64, n_threads=1)
+    ids = a.backend.tokenize(TEXT)
+    np.testing.assert_allclose(a.backend.eval(ids, all_logits=True), b.backend.eval(ids, all_logits=True),
+                               atol=ATOL, rtol=1e-4)
+    assert a.backend.runtime.n_calls == 2
+    a.close(), b.close()

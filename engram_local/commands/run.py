@@ -41,7 +41,8 @@ def _err(msg: str) -> None:
               help='One {"prompt": "...", "chat": false} per line; prints one '
                    '{"prompt": ..., "completion": ...} line per valid input. Invalid lines are '
                    "reported on stderr with their line numbers (exit status 1 at the end).")
-@click.option("--chat", is_flag=True, help="Wrap -p / -f text as one user turn of the chat template.")
+@click.option("--chat", is_flag=True, help="Wrap -p / -f text as one user turn of the chat template (with "
+              "--prompts-jsonl: the default of lines without \"chat\").")
 @click.option("-n", "--n-predict", "n_predict", default=256, show_default=True, type=click.IntRange(min=0),
               help="Most tokens to generate (generation also stops at end-of-turn).")
 @click.option("--temp", default=0.8, show_default=True, type=float, help="Temperature; 0 = greedy, deterministic.")
@@ -87,9 +88,6 @@ def run(model, overrides, prompt, prompt_file, prompts_jsonl, chat, n_predict, t
     jsonl_lines = None
     if prompts_jsonl is not None:
         jsonl_lines = _read_text(prompts_jsonl, "prompts file").splitlines()
-    if chat and (prompt is None):
-        if prompts_jsonl is not None:
-            _err('engram-local: --chat applies to -p / -f; in --prompts-jsonl set "chat": true per line')
     if n_gpu_layers and backend == "torch":
         _err("engram-local: -ngl applies to the llama.cpp backend; ignored with --backend torch")
 
@@ -106,7 +104,7 @@ def run(model, overrides, prompt, prompt_file, prompts_jsonl, chat, n_predict, t
                           allow_missing_last_override=interactive, log=_err)
     except RunError as exc:
         raise click.ClickException(str(exc))
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, RuntimeError) as exc:
         raise click.ClickException(f"cannot load the model: {exc}")
 
     total = Timings()
@@ -115,7 +113,7 @@ def run(model, overrides, prompt, prompt_file, prompts_jsonl, chat, n_predict, t
         if interactive:
             _repl(session, sampler, n_predict, total)
         elif jsonl_lines is not None:
-            status = _jsonl(session, sampler, n_predict, jsonl_lines, prompts_jsonl, total, ignore_eos)
+            status = _jsonl(session, sampler, n_predict, jsonl_lines, prompts_jsonl, total, ignore_eos, chat)
         else:
             try:
                 ids = session.tokenize(prompt, chat=chat)
@@ -135,10 +133,10 @@ def run(model, overrides, prompt, prompt_file, prompts_jsonl, chat, n_predict, t
                 _err("\nengram-local: interrupted")
                 status = 130
     finally:
-        if timings:
-            sys.stderr.flush()
-            _err(json.dumps(total.as_dict()))
         session.close()
+    if timings:                     # after everything else: the last line of stderr
+        sys.stdout.flush()
+        _err(json.dumps(total.as_dict()))
     if status:
         sys.exit(status)
 
@@ -159,7 +157,7 @@ def _read_text(path: str, what: str) -> str:
         raise click.ClickException(f"{path}: cannot read the {what}: {exc}")
 
 
-def _jsonl(session, sampler, n_predict, lines, path, total, ignore_eos=False) -> int:
+def _jsonl(session, sampler, n_predict, lines, path, total, ignore_eos=False, chat_default=False) -> int:
     from engram_local.runtime import RunError
 
     bad = 0
@@ -176,7 +174,7 @@ def _jsonl(session, sampler, n_predict, lines, path, total, ignore_eos=False) ->
             _err(f'{path}:{lineno}: expected an object with a "prompt" string; line skipped')
             bad += 1
             continue
-        chat = item.get("chat", False)
+        chat = item.get("chat", chat_default)
         if not isinstance(chat, bool):
             _err(f'{path}:{lineno}: "chat" must be true or false; line skipped')
             bad += 1
