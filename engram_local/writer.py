@@ -58,6 +58,8 @@ class FitSettings:
     max_steps: int = 400            # optimizer steps at most (all components together)
     margin: float = 2.0             # every answer token must beat the runner-up logit by this
     heads: int = 1                  # highest-order heads written per position at first
+    conflict_heads: int = 4         # ... where one N-gram must lead to different answers
+    focus: float = 0.0              # >0: loss only on targets within this band above their margin
     grow_after: int = 12            # steps a component may fail before it gets more rows
     unembed_scale: float | None = None  # UNEMBED_P scale: None = |W_V e| = gain * |h| (calibrated);
                                     # the paper's fixed 20 suits its own model only
@@ -358,12 +360,20 @@ class Fitter:
                     owner[fid_index[fid]].add(add(tuple(k)))
         owned = set().union(*owner.values()) if owner else set()
         self.fixed = np.array(sorted(set(range(len(values))) - owned), np.int64)
+        # A key (N-gram) that must predict different tokens for different facts ("was born
+        # in" -> " 1993" / " 2013") is served by the same rows for all of them: give it more heads.
+        targets_by_key: dict[int, set] = {}
+        for it in items:
+            if it.write and it.train:
+                for j, t in enumerate(it.tpos):
+                    targets_by_key.setdefault(int(it.keys[t, self.hi_cols[0]]), set()).add(int(it.ttok[j]))
         for ii, it in enumerate(items):
             if not (it.write and it.train) or facts[it.fact].id in (existing_owner or {}):
                 continue          # earlier facts keep their rows; they grow only if they fail
-            for j in range(len(it.tpos)):
-                if j == 0 or it.base_margin[j] < self.s.margin:
-                    place(ii, j, self.s.heads)
+            for j, t in enumerate(it.tpos):
+                conflict = len(targets_by_key[int(it.keys[t, self.hi_cols[0]])]) > 1
+                if j == 0 or conflict or it.base_margin[j] < self.s.margin:
+                    place(ii, j, max(self.s.heads, self.s.conflict_heads) if conflict else self.s.heads)
         for ei, vs in init_acc.items():
             if vs:
                 values[ei] = np.mean(vs, axis=0).astype(np.float32)
@@ -492,7 +502,13 @@ class Fitter:
             bt = self._cached_batch(items, bucket)
             t1 = time.time()
             logits = self._forward(bt, values)
-            loss = F.cross_entropy(logits, bt["tgt"], reduction="sum") * scale
+            ce = F.cross_entropy(logits, bt["tgt"], reduction="none")
+            if self.s.focus:
+                # only targets short of their margin (plus a band) pull on the rows
+                m_now, _ = self._margins(logits.detach(), bt["tgt"])
+                need = np.concatenate([np.full(len(items[i].tpos), items[i].need) for i in bucket])
+                ce = ce * torch.from_numpy((m_now < need + self.s.focus).astype(np.float32))
+            loss = ce.sum() * scale
             t2 = time.time()
             if backward:
                 loss.backward()
@@ -590,8 +606,9 @@ class Fitter:
                 param[~live] = snapshot[~live]
             done.update(newly)
             step += 1
-            self.trace.append((step, round(loss, 3), len({comp[i] for i in active} - set(newly)),
-                               param.shape[0]))
+            left = {comp[i] for i in active} - set(newly)
+            self.trace.append((step, round(loss, 3), len(left), param.shape[0],
+                               sorted({items[i].fact for i in active if comp[i] in left})[:8]))
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", left=len({comp[i] for i in active} - set(newly)))
