@@ -58,8 +58,8 @@ class FitSettings:
     max_steps: int = 400            # optimizer steps at most (all components together)
     margin: float = 2.0             # every answer token must beat the runner-up logit by this
     heads: int = 1                  # highest-order heads written per position at first
-    conflict_heads: int = 4         # ... where one N-gram must lead to different answers
-    focus: float = 0.0              # >0: loss only on targets within this band above their margin
+    conflict_heads: int = 1         # ... where one N-gram must lead to different answers
+    anchors: bool = True            # such facts also get a row at a prompt N-gram of their own
     grow_after: int = 12            # steps a component may fail before it gets more rows
     unembed_scale: float | None = None  # UNEMBED_P scale: None = |W_V e| = gain * |h| (calibrated);
                                     # the paper's fixed 20 suits its own model only
@@ -336,6 +336,17 @@ class Fitter:
                 init_acc[entries[key]].append(value)
             return entries[key]
 
+        def place_at(ii: int, t: int, n_heads: int):
+            """Rows at a prompt position (no target there): start from zero."""
+            it = items[ii]
+            have = n_heads_at.get((ii, t), 0)
+            if n_heads <= have:
+                return False
+            for c in self.hi_cols[have:n_heads]:
+                owner[it.fact].add(add((int(it.rows[t, c]), int(it.keys[t, c]))))
+            n_heads_at[(ii, t)] = n_heads
+            return True
+
         def place(ii: int, j: int, n_heads: int):
             it = items[ii]
             t = int(it.tpos[j])
@@ -362,18 +373,38 @@ class Fitter:
         self.fixed = np.array(sorted(set(range(len(values))) - owned), np.int64)
         # A key (N-gram) that must predict different tokens for different facts ("was born
         # in" -> " 1993" / " 2013") is served by the same rows for all of them: give it more heads.
+        # Such facts also get an anchor: a row at their last prompt position whose N-gram no
+        # other fact has ("dentist's name" before the shared "name is Dr."), which the
+        # later positions read through attention.
+        h0 = self.hi_cols[0]
         targets_by_key: dict[int, set] = {}
+        facts_by_key: dict[int, set] = {}
         for it in items:
             if it.write and it.train:
                 for j, t in enumerate(it.tpos):
-                    targets_by_key.setdefault(int(it.keys[t, self.hi_cols[0]]), set()).add(int(it.ttok[j]))
+                    targets_by_key.setdefault(int(it.keys[t, h0]), set()).add(int(it.ttok[j]))
+                for t in range(len(it.ids)):
+                    facts_by_key.setdefault(int(it.keys[t, h0]), set()).add(it.fact)
         for ii, it in enumerate(items):
             if not (it.write and it.train) or facts[it.fact].id in (existing_owner or {}):
                 continue          # earlier facts keep their rows; they grow only if they fail
+            conflicted = False
             for j, t in enumerate(it.tpos):
-                conflict = len(targets_by_key[int(it.keys[t, self.hi_cols[0]])]) > 1
+                conflict = len(targets_by_key[int(it.keys[t, h0])]) > 1
+                conflicted |= conflict
                 if j == 0 or conflict or it.base_margin[j] < self.s.margin:
                     place(ii, j, max(self.s.heads, self.s.conflict_heads) if conflict else self.s.heads)
+            it.conflicted = conflicted
+
+        def anchor(ii: int) -> bool:
+            it = items[ii]
+            if not (self.s.anchors and getattr(it, "conflicted", False)) or getattr(it, "anchored", False):
+                return False
+            it.anchored = True
+            for t in range(int(it.tpos[0]) - 1, -1, -1):
+                if facts_by_key.get(int(it.keys[t, h0])) == {it.fact}:
+                    return place_at(ii, t, self.s.heads)
+            return False
         for ei, vs in init_acc.items():
             if vs:
                 values[ei] = np.mean(vs, axis=0).astype(np.float32)
@@ -384,7 +415,7 @@ class Fitter:
         if method == "unembed":
             steps = 0
         else:
-            steps = self._optimize(items, facts, entries, values, place, owner, method)
+            steps = self._optimize(items, facts, entries, values, (place, anchor), owner, method)
         self.timing["optimize"] = time.time() - to
         tf = time.time()
         vals = np.stack(values) if values else np.zeros((0, self.d), np.float32)
@@ -502,13 +533,7 @@ class Fitter:
             bt = self._cached_batch(items, bucket)
             t1 = time.time()
             logits = self._forward(bt, values)
-            ce = F.cross_entropy(logits, bt["tgt"], reduction="none")
-            if self.s.focus:
-                # only targets short of their margin (plus a band) pull on the rows
-                m_now, _ = self._margins(logits.detach(), bt["tgt"])
-                need = np.concatenate([np.full(len(items[i].tpos), items[i].need) for i in bucket])
-                ce = ce * torch.from_numpy((m_now < need + self.s.focus).astype(np.float32))
-            loss = ce.sum() * scale
+            loss = F.cross_entropy(logits, bt["tgt"], reduction="sum") * scale
             t2 = time.time()
             if backward:
                 loss.backward()
@@ -646,6 +671,11 @@ class Fitter:
         return out
 
     def _grow(self, items, comp_items, item_margins, place):
+        """More rows for a component that keeps failing: first an anchor for facts whose
+        N-grams other facts share, then rows (or more heads) at the failing positions."""
+        place, anchor = place
+        if any([anchor(i) for i in comp_items]):
+            return True
         pos_in_batch = item_margins
         grew = False
         for i in comp_items:
