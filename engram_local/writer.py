@@ -63,7 +63,8 @@ class FitSettings:
     grow_after: int = 12            # steps a component may fail before it gets more rows
     unembed_scale: float | None = None  # UNEMBED_P scale: None = |W_V e| = gain * |h| (calibrated);
                                     # the paper's fixed 20 suits its own model only
-    gain: float = 1.0               # calibrated start: the written value moves h by gain * |h|
+    gain: float = 3.0               # calibrated start: the written value moves h by gain * |h|
+    init_gate: float = 0.3          # start direction also opens the gate (0 = plain UNEMBED_P)
     opt_steps: int = 15             # OPT: steps per fact (the paper's OPT-15)
     value_dtype: str = "f16"        # the file's value type: the final check rounds to it
     check_prefixes: tuple = ((), (DOC_START_ID,))  # sequence starts the recall must survive
@@ -279,12 +280,26 @@ class Fitter:
     def _position_entries(self, it: _Item, t: int, n_heads: int):
         return [(int(it.rows[t, c]), int(it.keys[t, c])) for c in self.hi_cols[:n_heads]]
 
-    def _unembed_value(self, cols: list[int], token: int) -> np.ndarray:
-        """UNEMBED_P for the look-up columns `cols` of one position: (len(cols), d)."""
+    def _unembed_value(self, cols: list[int], token: int, h: torch.Tensor | None = None) -> np.ndarray:
+        """Start value of the rows `cols` of one position: (len(cols), d).
+
+        UNEMBED_P: e = pinv(W_V[:, cols]) @ unembed[token], so W_V e points at the token. With the
+        hidden state `h` and `init_gate` > 0 the direction also opens the gate: least squares of
+        [W_V; sqrt(mu) W_K] e = [u; sqrt(mu) RMSNorm(h)] (unit-norm targets); the gate reads
+        the direction of W_K e only. Scaled so |W_V e| = gain * |h| (or by unembed_scale)."""
         w = self.eng.w_v.weight.detach()                              # (D, E)
         sel = torch.cat([w[:, c * self.d:(c + 1) * self.d] for c in cols], dim=1)
         u = self.lm_head.weight.detach()[token]
-        e = torch.linalg.pinv(sel) @ u
+        mu = self.s.init_gate if (h is not None and self.s.method != "unembed") else 0.0
+        if mu > 0:
+            wk = self.eng.w_k.weight.detach()
+            selk = torch.cat([wk[:, c * self.d:(c + 1) * self.d] for c in cols], dim=1)
+            hq = self.eng.norm_q(h.detach())
+            a = torch.cat([sel, math.sqrt(mu) * selk])
+            b = torch.cat([u / u.norm(), math.sqrt(mu) * hq / hq.norm()])
+            e = torch.linalg.lstsq(a, b[:, None]).solution[:, 0]
+        else:
+            e = torch.linalg.pinv(sel) @ u
         if self.s.unembed_scale is not None:
             e = e * self.s.unembed_scale
         else:
@@ -354,7 +369,7 @@ class Fitter:
             if n_heads <= have:
                 return False
             cols = self.hi_cols[:n_heads]
-            vals = self._unembed_value(cols, int(it.ttok[j]))
+            vals = self._unembed_value(cols, int(it.ttok[j]), it.h[t])
             for c, v in zip(cols[have:], vals[have:]):
                 owner[it.fact].add(add((int(it.rows[t, c]), int(it.keys[t, c])), v))
             n_heads_at[(ii, t)] = n_heads
