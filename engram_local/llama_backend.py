@@ -29,6 +29,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from engram_local import native
+from engram_local.context import check_new_tokens
 
 # The llama-cpp-python release whose graph node names this backend was written against.
 PINNED_LLAMA_CPP_PYTHON = "0.3.36"
@@ -293,14 +294,7 @@ class LlamaCppBackend:
     def eval(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
         """Append `tokens`; the logits of the last one (float32 [n_vocab], a copy), or of every
         one ([len(tokens), n_vocab]) with all_logits."""
-        tokens = [int(t) for t in tokens]
-        if not tokens:
-            raise ValueError("eval needs at least one token")
-        if len(self.tokens) + len(tokens) > self.n_ctx:
-            raise ContextFullError(len(self.tokens), len(tokens), self.n_ctx)
-        bad = [t for t in tokens if not 0 <= t < self.n_vocab]
-        if bad:
-            raise ValueError(f"token id {bad[0]} outside the vocabulary [0, {self.n_vocab})")
+        tokens = check_new_tokens(tokens, len(self.tokens), self.n_ctx, self.n_vocab)
         out = []
         try:
             for i in range(0, len(tokens), self.n_batch):
@@ -409,12 +403,3 @@ class LlamaCppBackend:
             self.close()
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
-
-
-class ContextFullError(ValueError):
-    """More tokens than the context (-c) holds."""
-
-    def __init__(self, n_past: int, n_new: int, n_ctx: int):
-        super().__init__(f"the context holds {n_ctx} tokens: {n_past} in use + {n_new} new do not fit "
-                         "(raise -c or shorten the prompt)")
-        self.n_past, self.n_new, self.n_ctx = n_past, n_new, n_ctx

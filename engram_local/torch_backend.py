@@ -17,6 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from engram_local import native
+from engram_local.context import check_new_tokens
 
 # Texts of special tokens that end a turn (llama.cpp's llama-vocab.cpp detects the same ones).
 EOG_TEXTS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>",
@@ -93,16 +94,7 @@ class TorchBackend:
         return len(self.tokens)
 
     def eval(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
-        from engram_local.llama_backend import ContextFullError
-
-        tokens = [int(t) for t in tokens]
-        if not tokens:
-            raise ValueError("eval needs at least one token")
-        if len(self.tokens) + len(tokens) > self.n_ctx:
-            raise ContextFullError(len(self.tokens), len(tokens), self.n_ctx)
-        bad = [t for t in tokens if not 0 <= t < self.n_vocab]
-        if bad:
-            raise ValueError(f"token id {bad[0]} outside the vocabulary [0, {self.n_vocab})")
+        tokens = check_new_tokens(tokens, len(self.tokens), self.n_ctx, self.n_vocab)
         out = []
         try:
             for i in range(0, len(tokens), self.n_batch):
