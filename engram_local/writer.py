@@ -52,24 +52,26 @@ class FitError(ValueError):
 @dataclass
 class FitSettings:
     method: str = "joint"
-    optimizer: str = "adam"         # adam | rprop
-    lr: float = 0.1                 # Adam step, relative to the row scale that moves the hidden
+    optimizer: str = "rprop"        # rprop (full-batch, sign-based: fastest here) | adam
+    lr: float = 0.5                 # first step, relative to the row scale that moves the hidden
                                     # state by its own norm (see Fitter._calibrate)
     max_steps: int = 400            # optimizer steps at most (all components together)
     margin: float = 2.0             # every answer token must beat the runner-up logit by this
     heads: int = 1                  # highest-order heads written per position at first
-    conflict_heads: int = 1         # ... where one N-gram must lead to different answers
-    anchors: bool = True            # such facts also get a row at a prompt N-gram of their own
-    grow_after: int = 12            # steps a component may fail before it gets more rows
+    common_share: float = 0.04      # tokens among this share of the first raw ids count as
+                                    # common (see Fitter._rare_positions); 0 = no such rule
+    grow_after: int = 15            # steps a component may fail before it gets more rows
     unembed_scale: float | None = None  # UNEMBED_P scale: None = |W_V e| = gain * |h| (calibrated);
                                     # the paper's fixed 20 suits its own model only
     gain: float = 3.0               # calibrated start: the written value moves h by gain * |h|
-    init_gate: float = 0.3          # start direction also opens the gate (0 = plain UNEMBED_P)
+    init_gate: float = 1.0          # start direction also opens the gate (0 = plain UNEMBED_P)
     opt_steps: int = 15             # OPT: steps per fact (the paper's OPT-15)
     value_dtype: str = "f16"        # the file's value type: the final check rounds to it
-    check_prefixes: tuple = ((), (DOC_START_ID,))  # sequence starts the recall must survive
+    extra_prefixes: tuple = ()      # more sequence starts the recall must survive, e.g.
+                                    # ((DOC_START_ID,),); the first is the tokenizer's own
     fit_all_prefixes: bool = True   # fit every sequence start from the first step (else only
                                     # the first; the others join when the final check fails)
+    first_token_phase: bool = False  # fit first answer tokens alone before whole answers
     seed: int = 0
 
 
@@ -159,6 +161,8 @@ class _Item:
     train: bool                     # in the loss (verification items join when they fail)
     write: bool                     # its target positions may get rows
     need: float = 0.0               # logit margin every target must reach
+    prefix: tuple = ()              # the sequence start before the prompt
+    rare: np.ndarray | None = None  # per position: its N-gram is not made of common tokens
     # filled by _capture
     h: torch.Tensor | None = None   # (T, D) hidden state entering the write layer
     e: torch.Tensor | None = None   # (T, H, d) base look-ups at the write layer
@@ -188,6 +192,12 @@ class Fitter:
         self.K, self.H, self.d = cfg.n_head_per_ngram, cfg.n_columns, cfg.head_dim
         self.hi_cols = list(range((cfg.max_ngram_size - 2) * self.K, (cfg.max_ngram_size - 1) * self.K))
         self.progress = progress
+        # sequences start as the runtime starts them: with the tokenizer's own special prefix
+        # (BOS where it adds one), then any extra starts the recall must survive
+        plain = tok("a", add_special_tokens=False)["input_ids"]
+        full = tok("a")["input_ids"]
+        own = tuple(full[:len(full) - len(plain)]) if full[len(full) - len(plain):] == plain else ()
+        self.prefixes = [own] + [tuple(p) for p in self.s.extra_prefixes if tuple(p) != own]
         self.trace: list[tuple] = []    # (step, loss, components left, entries) per step
         self._batch_cache: dict = {}
         self.timing: dict[str, float] = {}
@@ -205,14 +215,15 @@ class Fitter:
                     a = list(f.keep_out_tokens or [])[:len(a)]
                     if not a:
                         continue
-                for ci, pre in enumerate(self.s.check_prefixes):
+                for ci, pre in enumerate(self.prefixes):
                     seq = list(pre) + p + a
                     P = len(pre) + len(p)
                     items.append(_Item(fact=fi, ids=seq[:-1], tpos=np.arange(P - 1, len(seq) - 1),
                                        ttok=np.asarray(a, np.int64),
                                        train=ci == 0 or self.s.fit_all_prefixes,
                                        write=not f.keep_out,
-                                       need=KEEP_OUT_MARGIN if f.keep_out else self.s.margin))
+                                       need=KEEP_OUT_MARGIN if f.keep_out else self.s.margin,
+                                       prefix=tuple(pre)))
         return items
 
     # ------------------------------------------------------------ base pass
@@ -280,6 +291,7 @@ class Fitter:
     def _position_entries(self, it: _Item, t: int, n_heads: int):
         return [(int(it.rows[t, c]), int(it.keys[t, c])) for c in self.hi_cols[:n_heads]]
 
+    @torch.no_grad()
     def _unembed_value(self, cols: list[int], token: int, h: torch.Tensor | None = None) -> np.ndarray:
         """Start value of the rows `cols` of one position: (len(cols), d).
 
@@ -306,6 +318,7 @@ class Fitter:
             e = e * (self.s.gain * self.h_norm / max(float((sel @ e).norm()), 1e-12))
         return e.reshape(len(cols), self.d).numpy()
 
+    @torch.no_grad()
     def _calibrate(self, items):
         """h_norm: median norm of the hidden state entering the write layer at target positions;
         row_scale: the per-value size of one head's row that moves it by that much."""
@@ -351,32 +364,29 @@ class Fitter:
                 init_acc[entries[key]].append(value)
             return entries[key]
 
-        def place_at(ii: int, t: int, n_heads: int):
-            """Rows at a prompt position (no target there): start from zero."""
+        def place_at(ii: int, t: int, n_heads: int, token: int | None = None) -> bool:
+            """Rows (the first n_heads highest-order heads) at position t of item ii, started
+            from UNEMBED_P towards `token` (default: the target predicted there)."""
             it = items[ii]
             have = n_heads_at.get((ii, t), 0)
             if n_heads <= have:
                 return False
-            for c in self.hi_cols[have:n_heads]:
-                owner[it.fact].add(add((int(it.rows[t, c]), int(it.keys[t, c]))))
-            n_heads_at[(ii, t)] = n_heads
-            return True
-
-        def place(ii: int, j: int, n_heads: int):
-            it = items[ii]
-            t = int(it.tpos[j])
-            have = n_heads_at.get((ii, t), 0)
-            if n_heads <= have:
-                return False
+            if token is None:
+                token = int(it.ttok[int(np.nonzero(it.tpos == t)[0][0])])
             cols = self.hi_cols[:n_heads]
-            vals = self._unembed_value(cols, int(it.ttok[j]), it.h[t])
+            vals = self._unembed_value(cols, token, it.h[t])
             for c, v in zip(cols[have:], vals[have:]):
                 owner[it.fact].add(add((int(it.rows[t, c]), int(it.keys[t, c])), v))
             n_heads_at[(ii, t)] = n_heads
             return True
 
-        # Initial rows: every row already in the file (rows no fact here owns stay fixed),
-        # then the trigger and every target position the unmodified model gets wrong.
+        def flush_init():
+            for ei, vs in init_acc.items():
+                if vs:
+                    values[ei] = np.mean(vs, axis=0).astype(np.float32)
+            init_acc.clear()
+
+        # Every row already in the file (rows no fact here owns stay fixed).
         for k in existing:
             add(tuple(k))
         fid_index = {f.id: i for i, f in enumerate(facts)}
@@ -386,51 +396,56 @@ class Fitter:
                     owner[fid_index[fid]].add(add(tuple(k)))
         owned = set().union(*owner.values()) if owner else set()
         self.fixed = np.array(sorted(set(range(len(values))) - owned), np.int64)
-        # A key (N-gram) that must predict different tokens for different facts ("was born
-        # in" -> " 1993" / " 2013") is served by the same rows for all of them: give it more heads.
-        # Such facts also get an anchor: a row at their last prompt position whose N-gram no
-        # other fact has ("dentist's name" before the shared "name is Dr."), which the
-        # later positions read through attention.
-        h0 = self.hi_cols[0]
-        targets_by_key: dict[int, set] = {}
-        facts_by_key: dict[int, set] = {}
         for it in items:
-            if it.write and it.train:
-                for j, t in enumerate(it.tpos):
-                    targets_by_key.setdefault(int(it.keys[t, h0]), set()).add(int(it.ttok[j]))
-                for t in range(len(it.ids)):
-                    facts_by_key.setdefault(int(it.keys[t, h0]), set()).add(it.fact)
+            it.rare = self._rare_positions(it)
+
+        def trigger_position(it) -> int:
+            """The trigger, or - when its N-gram is common - the last prompt position whose
+            N-gram is not ("Nguyen works as" for "... works as a"), read through attention."""
+            t0 = int(it.tpos[0])
+            if it.rare[t0]:
+                return t0
+            for t in range(t0 - 1, self.prefix_len(it) - 1, -1):
+                if it.rare[t]:
+                    return t
+            return t0
+
+        # New facts: rows at the trigger (or its stand-in) and at every later target position
+        # the unmodified model gets wrong, unless that position's N-gram is common.
         for ii, it in enumerate(items):
             if not (it.write and it.train) or facts[it.fact].id in (existing_owner or {}):
                 continue          # earlier facts keep their rows; they grow only if they fail
-            conflicted = False
-            for j, t in enumerate(it.tpos):
-                conflict = len(targets_by_key[int(it.keys[t, h0])]) > 1
-                conflicted |= conflict
-                if j == 0 or conflict or it.base_margin[j] < self.s.margin:
-                    place(ii, j, max(self.s.heads, self.s.conflict_heads) if conflict else self.s.heads)
-            it.conflicted = conflicted
+            place_at(ii, trigger_position(it), self.s.heads, int(it.ttok[0]))
+            for j in range(1, len(it.tpos)):
+                t = int(it.tpos[j])
+                if it.rare[t] and it.base_margin[j] < self.s.margin:
+                    place_at(ii, t, self.s.heads)
+        flush_init()
 
-        def anchor(ii: int) -> bool:
+        def grow(ii: int, margins) -> bool:
+            """More rows for a fact that keeps failing: rows at its failing target positions
+            whose N-gram is not common, else more heads where it already has rows."""
             it = items[ii]
-            if not (self.s.anchors and getattr(it, "conflicted", False)) or getattr(it, "anchored", False):
+            if not it.write:
                 return False
-            it.anchored = True
-            for t in range(int(it.tpos[0]) - 1, -1, -1):
-                if facts_by_key.get(int(it.keys[t, h0])) == {it.fact}:
-                    return place_at(ii, t, self.s.heads)
-            return False
-        for ei, vs in init_acc.items():
-            if vs:
-                values[ei] = np.mean(vs, axis=0).astype(np.float32)
-        init_acc.clear()
+            grew = False
+            for j in np.nonzero(margins < it.need)[0]:
+                t = int(it.tpos[j])
+                if it.rare[t] and (ii, t) not in n_heads_at:
+                    grew |= place_at(ii, t, self.s.heads)
+            if not grew:
+                for (jj, t), have in list(n_heads_at.items()):
+                    if jj == ii and have < self.K:
+                        grew |= place_at(ii, t, min(2 * have, self.K), self._token_for(it, t))
+            flush_init()
+            return grew
 
         method = self.s.method
         to = time.time()
         if method == "unembed":
             steps = 0
         else:
-            steps = self._optimize(items, facts, entries, values, (place, anchor), owner, method)
+            steps = self._optimize(items, facts, entries, values, grow, owner, method)
         self.timing["optimize"] = time.time() - to
         tf = time.time()
         vals = np.stack(values) if values else np.zeros((0, self.d), np.float32)
@@ -480,11 +495,16 @@ class Fitter:
         _, state = self.eng(it.h[None, :it.start], it.e[None, :it.start].reshape(1, it.start, -1))
         return state[0]
 
-    def _batch(self, items, sel):
-        """Padded suffix tensors of the items `sel` (indices)."""
+    def _end(self, it, limit):
+        """End of the positions a pass needs: all, or up to the `limit`-th target."""
+        return len(it.ids) if limit is None else int(it.tpos[:limit][-1]) + 1
+
+    def _batch(self, items, sel, limit=None):
+        """Padded suffix tensors of the items `sel` (indices); with `limit`, only their first
+        `limit` targets (and the positions up to them)."""
         its = [items[i] for i in sel]
         B = len(its)
-        S = max(len(it.ids) - it.start for it in its)
+        S = max(self._end(it, limit) - it.start for it in its)
         Lp = max(it.start for it in its)
         D = self.em.cfg.hidden_size
         h = torch.zeros(B, S, D)
@@ -501,27 +521,27 @@ class Fitter:
         causal = torch.triu(torch.full((S, S), neg), diagonal=1)
         flat, tgt = [], []
         for b, it in enumerate(its):
-            s, n = it.start, len(it.ids) - it.start
-            h[b, :n], e[b, :n] = it.h[s:], it.e[s:]
-            idx[b, :n] = torch.from_numpy(it.idx[s:])
+            s, n = it.start, self._end(it, limit) - it.start
+            h[b, :n], e[b, :n] = it.h[s:s + n], it.e[s:s + n]
+            idx[b, :n] = torch.from_numpy(it.idx[s:s + n])
             pos[b] = s + torch.arange(S)
             for li in range(n_layers):
                 pk[li][b, :, :s] = it.kv[li][0][:, :s]
                 pv[li][b, :, :s] = it.kv[li][1][:, :s]
             mask[b, 0, :, :s] = 0.0
             mask[b, 0, :, Lp:] = causal
-            flat.extend(b * S + (it.tpos - s))
-            tgt.extend(it.ttok)
+            flat.extend(b * S + (it.tpos[:limit] - s))
+            tgt.extend(it.ttok[:limit])
         prefix = {self.wl + li: (pk[li], pv[li]) for li in range(n_layers)}
         return dict(h=h, e=e, idx=idx, pos=pos, cs=cs, prefix=prefix, mask=mask,
                     flat=torch.tensor(flat), tgt=torch.tensor(tgt), S=S)
 
-    def _buckets(self, items, sel, waste: float = 1.3, max_tokens: int = 4096):
+    def _buckets(self, items, sel, limit=None, waste: float = 1.3, max_tokens: int = 4096):
         """`sel` split into groups of similar suffix length (padding at most `waste` x)."""
-        order = sorted(sel, key=lambda i: len(items[i].ids) - items[i].start)
+        order = sorted(sel, key=lambda i: self._end(items[i], limit) - items[i].start)
         out, cur, total = [], [], 0
         for i in order:
-            n = len(items[i].ids) - items[i].start
+            n = self._end(items[i], limit) - items[i].start
             if cur and (n * (len(cur) + 1) > waste * (total + n) or n * (len(cur) + 1) > max_tokens):
                 out.append(cur)
                 cur, total = [], 0
@@ -531,21 +551,21 @@ class Fitter:
             out.append(cur)
         return out
 
-    def _cached_batch(self, items, sel):
-        key = tuple(sel)
+    def _cached_batch(self, items, sel, limit=None):
+        key = (tuple(sel), limit)
         bt = self._batch_cache.get(key)
         if bt is None:
             if len(self._batch_cache) > 256:
                 self._batch_cache.clear()
-            bt = self._batch_cache[key] = self._batch(items, sel)
+            bt = self._batch_cache[key] = self._batch(items, sel, limit)
         return bt
 
-    def _run_buckets(self, items, sel, values, backward: bool, scale: float = 1.0):
+    def _run_buckets(self, items, sel, values, backward: bool, scale: float = 1.0, limit=None):
         """(loss, {item: margins of its targets}) over `sel`, bucketed; backward per bucket."""
         total, margins = 0.0, {}
-        for bucket in self._buckets(items, sel):
+        for bucket in self._buckets(items, sel, limit):
             t0 = time.time()
-            bt = self._cached_batch(items, bucket)
+            bt = self._cached_batch(items, bucket, limit)
             t1 = time.time()
             logits = self._forward(bt, values)
             loss = F.cross_entropy(logits, bt["tgt"], reduction="sum") * scale
@@ -560,7 +580,7 @@ class Fitter:
             m, _ = self._margins(logits.detach(), bt["tgt"])
             k = 0
             for i in bucket:
-                n = len(items[i].tpos)
+                n = len(items[i].tpos[:limit])
                 margins[i] = m[k:k + n]
                 k += n
         return total, margins
@@ -607,12 +627,19 @@ class Fitter:
             return {int(c) for c in comp} - has
 
         done: set[int] = untrainable()   # converged (or unchangeable) components
+        # First-token phase: fit every fact's first answer token alone (the trigger; a pass
+        # then runs a single position per fact), then the whole answers.
+        limit = 1 if s.first_token_phase else None
         failing_since: dict[int, int] = {}
         step = 0
         checks = 0
         bar = self.progress(total=s.max_steps) if self.progress else None
         while step < s.max_steps:
             active = [i for i, it in enumerate(items) if it.train and comp[i] not in done]
+            if not active and limit is not None:
+                limit, done, failing_since = None, untrainable(), {}
+                self.trace.append(("whole answers", step))
+                continue
             if not active:
                 # every component converged: check everything with the stored value type
                 checks += 1
@@ -626,7 +653,7 @@ class Fitter:
                 continue
             opt.zero_grad(set_to_none=False)
             loss, item_margins = self._run_buckets(items, active, param, backward=True,
-                                                   scale=1.0 / len(active))
+                                                   scale=1.0 / len(active), limit=limit)
             item_min = {i: float(m.min()) for i, m in item_margins.items()}
             snapshot = param.detach().clone()
             comp_ok: dict[int, bool] = {}
@@ -685,26 +712,53 @@ class Fitter:
                 out[k] = torch.cat([v, torch.full((n_new, v.shape[1]), fill, dtype=v.dtype)])
         return out
 
-    def _grow(self, items, comp_items, item_margins, place):
-        """More rows for a component that keeps failing: first an anchor for facts whose
-        N-grams other facts share, then rows (or more heads) at the failing positions."""
-        place, anchor = place
-        if any([anchor(i) for i in comp_items]):
-            return True
-        pos_in_batch = item_margins
-        grew = False
-        for i in comp_items:
-            it = items[i]
-            if not it.write:
-                continue
-            m = pos_in_batch[i]
-            for j in np.nonzero(m < it.need)[0]:
-                t = int(it.tpos[j])
-                have = self._heads_at(it, t)
-                target = self.s.heads if have == 0 else min(2 * have, self.K)
-                if have < target:
-                    grew |= place(i, int(j), target)
-        return grew
+    def _token_for(self, it, t: int) -> int:
+        """The token a row at position t should push: its target, or the first answer token."""
+        hit = np.nonzero(it.tpos == t)[0]
+        return int(it.ttok[hit[0]]) if len(hit) else int(it.ttok[0])
+
+    def prefix_len(self, it) -> int:
+        """Tokens of the sequence start (BOS or another prefix) before the prompt."""
+        return len(it.prefix)
+
+    def _rare_positions(self, it) -> np.ndarray:
+        """Per position: its highest-order N-gram is not made only of common tokens.
+
+        A token is common when its canonical class holds one of the first `common_share` of the
+        raw ids (BPE ids come roughly in order of frequency: 4% of SmolLM2's 49k = 1966, so " works",
+        " as", " a", " name", " is" are common, " born", " favorite", names are not) or no letter (digits,
+        punctuation, spaces). Rows at an N-gram of common tokens ("works as a", " 20",
+        "199") would fire in ordinary text; the writer avoids them where it can."""
+        if self.s.common_share <= 0:
+            return np.ones(len(it.ids), bool)
+        common = self._common_canon()
+        canon = self.em.canonical(torch.tensor([it.ids]))[0]
+        n = self.em.cfg.max_ngram_size
+        c = np.concatenate([np.full(n - 1, -1), canon])
+        cm = np.concatenate([np.ones(n - 1, bool), common[canon]])
+        out = np.zeros(len(it.ids), bool)
+        for t in range(len(it.ids)):
+            out[t] = not cm[t:t + n].all()
+        return out
+
+    def _common_canon(self) -> np.ndarray:
+        if getattr(self, "_common", None) is None:
+            cmap = self.em.canonical_map.cpu().numpy()
+            n_canon = int(cmap.max()) + 1
+            first = np.full(n_canon, np.iinfo(np.int64).max)
+            np.minimum.at(first, cmap, np.arange(len(cmap)))
+            common = first < self.s.common_share * len(cmap)
+            letters = np.zeros(n_canon, bool)
+            vocab = len(self.tok)
+            texts = self.tok.convert_ids_to_tokens(list(range(min(vocab, len(cmap)))))
+            for raw, text in enumerate(texts):
+                if text and any(ch.isalpha() for ch in self.tok.convert_tokens_to_string([text])):
+                    letters[cmap[raw]] = True
+            self._common = common | ~letters
+        return self._common
+
+    def _grow(self, items, comp_items, item_margins, grow):
+        return any([grow(i, item_margins[i]) for i in comp_items if i in item_margins])
 
     def _heads_at(self, it, t):
         return int((it.idx[t, self.hi_cols] >= 0).sum()) if it.idx is not None else 0

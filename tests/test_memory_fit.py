@@ -131,11 +131,31 @@ def test_files_for_disjoint_facts_stack_without_loss(model, tmp_path):
 
 
 def test_later_file_wins_on_a_shared_row(model, tmp_path):
+    from engram_local.native import Gatherer, Table
+
+    em, tok, fp = model
     a, b = tmp_path / "a.eov", tmp_path / "b.eov"
     write(a, [NewFact("w70 w71 w72", "w80 w81", id="x")], model)
     write(b, [NewFact("w70 w71 w72", "w90 w91", id="x")], model)
-    assert recall(model, [a, b], NewFact("w70 w71 w72", "w90 w91"))
-    assert recall(model, [b, a], NewFact("w70 w71 w72", "w80 w81"))
+    wl = em.cfg.write_layer
+    fa, fb = read_memory_file(a, fp), read_memory_file(b, fp)
+    va = dict(zip(fa.entries(), fa.values()))
+    vb = dict(zip(fb.entries(), fb.values()))
+    shared = sorted(set(va) & set(vb))
+    assert shared                                   # the trigger's rows
+    table = em.engram[str(wl)].table.detach().numpy()
+    rows = np.array([r for _, r, _ in shared])
+    keys = np.array([k for _, _, k in shared])
+    for stack, want in (([fa, fb], vb), ([fb, fa], va)):
+        g = Gatherer(Table(table, 0, *table.shape), [f.layers[wl] for f in stack])
+        got = g.gather(rows, keys)
+        assert np.array_equal(got, np.stack([want[e] for e in shared]))
+    # and the model follows the file stacked last
+    stacks = open_overrides([a, b], fp)
+    ids = tok("w70 w71 w72", add_special_tokens=False)["input_ids"]
+    only_b = open_overrides([b], fp)
+    if set(va) <= set(vb):
+        assert torch.equal(logits(em, ids, stacks)[-1], logits(em, ids, only_b)[-1])
 
 
 def test_adding_facts_keeps_earlier_recall_and_rows(model, tmp_path):

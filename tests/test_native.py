@@ -270,6 +270,16 @@ def test_gather_f16_and_bf16_exhaustive():
             assert same_bits(g.gather(np.arange(256)), dequantize_ref(raw, qtype, 256))
 
 
+def test_gather_q8_0_every_scale_bit_pattern():
+    """Q8_0 blocks whose f16 scale takes every one of the 65536 bit patterns (NaN, inf, subnormal)."""
+    rng = np.random.default_rng(8)
+    blocks = rng.integers(0, 256, size=(65536, 34), dtype=np.uint8)
+    blocks[:, 0:2] = np.arange(65536, dtype=np.uint16).view(np.uint8).reshape(-1, 2)
+    raw = blocks.reshape(2048, 32 * 34)                       # 2048 rows of 32 blocks
+    with Gatherer(Table(raw, constants.QTYPE_Q8_0, 2048, 1024)) as g:
+        assert same_bits(g.gather(np.arange(2048)), dequantize_ref(raw, constants.QTYPE_Q8_0, 1024))
+
+
 def test_quantized_tables_from_real_values():
     import gguf
 
