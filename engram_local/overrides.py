@@ -6,8 +6,8 @@ Layout (EOV_FORMAT_VERSION 1; constants.py names every key and tensor; `gguf-dum
   eov.model_fingerprint  uint64   fingerprint of the Engram sidecar the rows were fitted for
   eov.layers             int32[]  layer ids with rows (absent when there are none)
   eov.ledger             string   JSON fact ledger (absent in a file that carries no facts):
-      {"facts": [{"id", "prompt", "answer", "paraphrases", "written" (UTC ISO-8601),
-                  "method", "entries": [i, ...]}, ...]}
+      {"facts": [{"id", "prompt", "answer", "paraphrases" (if any), "written" (UTC ISO-8601),
+                  "method" (if not "joint"), "entries": [i, ...]}, ...]}
       `entries` index the file's entries, counted through the layers in eov.layers order;
       they are the rows written for that fact (rows shared by several facts are listed by each)
   eov.{layer}.rows       I64 [n]           ascending by (row, key)
@@ -67,9 +67,14 @@ class LedgerFact:
     method: str = "joint"
 
     def as_json(self) -> dict:
-        return {"id": self.id, "prompt": self.prompt, "answer": self.answer,
-                "paraphrases": list(self.paraphrases), "written": self.written,
-                "method": self.method, "entries": [int(e) for e in self.entries]}
+        d = {"id": self.id, "prompt": self.prompt, "answer": self.answer}
+        if self.paraphrases:
+            d["paraphrases"] = list(self.paraphrases)
+        d["written"] = self.written
+        if self.method != "joint":
+            d["method"] = self.method
+        d["entries"] = [int(e) for e in self.entries]
+        return d
 
     @classmethod
     def from_json(cls, d: dict, where: str) -> "LedgerFact":
@@ -77,7 +82,7 @@ class LedgerFact:
             fact = cls(id=str(d["id"]), prompt=str(d["prompt"]), answer=str(d["answer"]),
                        entries=[int(e) for e in d.get("entries", [])],
                        paraphrases=[str(p) for p in d.get("paraphrases", [])],
-                       written=str(d.get("written", "")), method=str(d.get("method", "")))
+                       written=str(d.get("written", "")), method=str(d.get("method", "joint")))
         except (KeyError, TypeError, ValueError) as exc:
             raise MemoryFileError(f"{where}: malformed fact in the ledger: {exc!r}") from None
         return fact

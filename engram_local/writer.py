@@ -58,6 +58,7 @@ class FitSettings:
     max_steps: int = 400            # optimizer steps at most (all components together)
     margin: float = 2.0             # every answer token must beat the runner-up logit by this
     heads: int = 1                  # highest-order heads written per position at first
+    anchors: bool = True            # facts sharing their trigger rows get a row of their own
     common_share: float = 0.04      # tokens among this share of the first raw ids count as
                                     # common (see Fitter._rare_positions); 0 = no such rule
     grow_after: int = 15            # steps a component may fail before it gets more rows
@@ -410,12 +411,40 @@ class Fitter:
                     return t
             return t0
 
+        # Facts whose trigger N-gram other facts share with another answer ("was born in" ->
+        # 1993 / 2013) get an anchor too: a row at their last prompt position whose N-gram is
+        # theirs alone ("Quinn was"), which tells the shared rows whose answer to give.
+        h0 = self.hi_cols[0]
+        first_by_key: dict[int, set] = {}
+        facts_by_key: dict[int, set] = {}
+        for it in items:
+            if it.write and it.train:
+                first_by_key.setdefault(int(it.keys[trigger_position(it), h0]), set()).add(int(it.ttok[0]))
+                for t in range(len(it.ids)):
+                    facts_by_key.setdefault(int(it.keys[t, h0]), set()).add(it.fact)
+
+        def anchor_position(it) -> int | None:
+            t0 = trigger_position(it)
+            for t in range(t0 - 1, self.prefix_len(it) - 1, -1):
+                if it.rare[t] and facts_by_key[int(it.keys[t, h0])] == {it.fact}:
+                    return t
+            return None
+
         # New facts: rows at the trigger (or its stand-in) and at every later target position
         # the unmodified model gets wrong, unless that position's N-gram is common.
         for ii, it in enumerate(items):
             if not (it.write and it.train) or facts[it.fact].id in (existing_owner or {}):
                 continue          # earlier facts keep their rows; they grow only if they fail
-            place_at(ii, trigger_position(it), self.s.heads, int(it.ttok[0]))
+            # answer tokens the model gets wrong where no row may go (digits, common words)
+            # must come through the trigger's rows: give it more heads
+            blind = sum(1 for j in range(1, len(it.tpos))
+                        if not it.rare[int(it.tpos[j])] and it.base_margin[j] < self.s.margin)
+            heads = min(self.K, self.s.heads * (2 if blind else 1))
+            place_at(ii, trigger_position(it), heads, int(it.ttok[0]))
+            shared = len(first_by_key[int(it.keys[trigger_position(it), h0])]) > 1
+            shared |= len(facts_by_key[int(it.keys[trigger_position(it), h0])]) > 1
+            if shared and self.s.anchors and (a := anchor_position(it)) is not None:
+                place_at(ii, a, self.s.heads, int(it.ttok[0]))
             for j in range(1, len(it.tpos)):
                 t = int(it.tpos[j])
                 if it.rare[t] and it.base_margin[j] < self.s.margin:

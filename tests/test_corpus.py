@@ -13,37 +13,38 @@ from pathlib import Path
 import pytest
 
 from engram_local import corpus as C
+from engram_local import corpus_text as T
 
 
 # --------------------------------------------------------------------------- cleaning
 def test_normalize_paragraph_collapses_whitespace_and_nfc():
-    assert C.normalize_paragraph("\ufeff  a\n b\t\tc \u00a0d  ") == "a b c d"
-    assert C.normalize_paragraph("Cafe\u0301") == "Caf\u00e9"          # NFC
-    assert C.normalize_paragraph("a\x00b") == "a b"                    # control chars dropped
+    assert T.normalize_paragraph("\ufeff  a\n b\t\tc \u00a0d  ") == "a b c d"
+    assert T.normalize_paragraph("Cafe\u0301") == "Caf\u00e9"          # NFC
+    assert T.normalize_paragraph("a\x00b") == "a b"                    # control chars dropped
 
 
 def test_split_paragraphs_keeps_paragraph_breaks_only():
     text = "One line\nstill one.\r\n\r\n  \nSecond\tpara.\n\n\n\nThird."
-    assert C.split_paragraphs(text) == ["One line still one.", "Second para.", "Third."]
-    assert C.split_paragraphs("  \n\n ") == []
+    assert T.split_paragraphs(text) == ["One line still one.", "Second para.", "Third."]
+    assert T.split_paragraphs("  \n\n ") == []
 
 
 def test_gutenberg_italics_and_boilerplate():
-    assert C.strip_gutenberg_italics("Between _them_ it was _very_ odd; snake_case") == \
+    assert T.strip_gutenberg_italics("Between _them_ it was _very_ odd; snake_case") == \
         "Between them it was very odd; snake_case"
     raw = ("\ufeffThe Project Gutenberg EBook of X\r\n\r\nlicense blah\r\n"
            "*** START OF THIS PROJECT GUTENBERG EBOOK X ***\r\n\r\n\r\n"
            "Produced by Someone\r\n\r\nCall me Ishmael.\r\n\r\nThe end.\r\n\r\n"
            "End of Project Gutenberg's X\r\n\r\n*** END OF THIS PROJECT GUTENBERG EBOOK X ***\r\n"
            "license footer\r\n")
-    assert C.split_paragraphs(C.strip_gutenberg_boilerplate(raw)) == ["Call me Ishmael.", "The end."]
-    assert C.strip_gutenberg_boilerplate("plain text") == "plain text"
+    assert T.split_paragraphs(T.strip_gutenberg_boilerplate(raw)) == ["Call me Ishmael.", "The end."]
+    assert T.strip_gutenberg_boilerplate("plain text") == "plain text"
 
 
 def test_clean_book_paragraphs():
     paras = ["TITLE", "Notes:", "a note", "CHAPTER 1", "Some _fine_ text.", "* * * * *",
              "[End volume one of this edition.", "More text.", "A NOTE ON THE TEXT", "editor"]
-    out = C.clean_book_paragraphs(paras, stop_at=("A NOTE ON THE TEXT",), skip=("Notes:", "CHAPTER 1"))
+    out = T.clean_book_paragraphs(paras, stop_at=("A NOTE ON THE TEXT",), skip=("Notes:", "CHAPTER 1"))
     assert out == ["TITLE", "CHAPTER 1", "Some fine text.", "More text."]
 
 
@@ -70,7 +71,7 @@ It is the only living species of the order&nbsp;Tubulidentata, see [http://examp
 
 
 def test_clean_wikitext():
-    out = C.clean_wikitext(WIKI)
+    out = T.clean_wikitext(WIKI)
     assert out == [
         "Aardvark (Orycteropus afer) is a mammal native to the African continent. It eats ants.",
         "Taxonomy",
@@ -134,9 +135,9 @@ Escaped \\*stars\\* and `a link <https://x.org>`_.
 
 
 def test_clean_rst():
-    refs = C.rst_section_labels(RST)
+    refs = T.rst_section_labels(RST)
     assert refs == {"tut-intro": "Whetting Appetite"}
-    out = C.clean_rst(RST, refs)
+    out = T.clean_rst(RST, refs)
     assert out == [
         "Whetting Appetite",
         "If you do much work on computers, see Whetting Appetite and len or '\\n' and PEP 8.",
@@ -154,25 +155,25 @@ def _paras(n: int, size: int = 100, tag: str = "p") -> list[str]:
 
 def test_chunk_paragraphs_bounds_order_and_boundaries():
     paras = _paras(50) + ["CHAPTER 2"] + _paras(5, tag="q") + ["word. " * 300]
-    chunks = C.chunk_paragraphs(paras, max_chars=1000, boundary=C._CHAPTER)
+    chunks = T.chunk_paragraphs(paras, max_chars=1000, boundary=C._CHAPTER)
     body = [[p for p in c if not C._CHAPTER.match(p)] for c in chunks]
     assert all(len("\n".join(c)) <= 1000 for c in body)       # leading headings come on top
     flat = [p for c in chunks for p in c]
     assert flat[:56] == paras[:56]                            # order kept, nothing lost
     assert "".join(flat[56:]).replace(" ", "") == paras[56].replace(" ", "")  # long one split
     assert any(c[0] == "CHAPTER 2" for c in chunks)           # chapter starts a chunk
-    heads = C.chunk_paragraphs(["VOLUME I", "CHAPTER I", "Text.", "CHAPTER II", "More."],
+    heads = T.chunk_paragraphs(["VOLUME I", "CHAPTER I", "Text.", "CHAPTER II", "More."],
                                boundary=C._CHAPTER)
     assert heads == [["VOLUME I", "CHAPTER I", "Text."], ["CHAPTER II", "More."]]
-    long_first = C.chunk_paragraphs(["CHAPTER I", "y" * 1000, "z" * 10], max_chars=1000,
+    long_first = T.chunk_paragraphs(["CHAPTER I", "y" * 1000, "z" * 10], max_chars=1000,
                                     boundary=C._CHAPTER)
     assert long_first == [["CHAPTER I", "y" * 1000], ["z" * 10]]   # no orphan heading
 
 
 def test_split_tail_is_deterministic_and_holds_out_the_end():
-    docs = [C.Document("s", f"book{i}", _paras(200, tag=f"b{i}_")) for i in range(3)]
-    train, valid = C.split_source(docs, "tail", valid_fraction=0.05, max_chars=1000)
-    train2, valid2 = C.split_source(docs, "tail", valid_fraction=0.05, max_chars=1000)
+    docs = [T.Document("s", f"book{i}", _paras(200, tag=f"b{i}_")) for i in range(3)]
+    train, valid = T.split_source(docs, "tail", valid_fraction=0.05, max_chars=1000)
+    train2, valid2 = T.split_source(docs, "tail", valid_fraction=0.05, max_chars=1000)
     assert [c.text for c in train] == [c.text for c in train2]
     assert [c.text for c in valid] == [c.text for c in valid2]
     for i in range(3):
@@ -185,25 +186,25 @@ def test_split_tail_is_deterministic_and_holds_out_the_end():
 
 
 def test_split_hash_whole_documents_independent_of_input_order():
-    docs = [C.Document("s", f"entry{i}", _paras(2, tag=f"e{i}_")) for i in range(200)]
-    train, valid = C.split_source(docs, "hash", valid_fraction=0.05)
-    _, valid_rev = C.split_source(list(reversed(docs)), "hash", valid_fraction=0.05)
+    docs = [T.Document("s", f"entry{i}", _paras(2, tag=f"e{i}_")) for i in range(200)]
+    train, valid = T.split_source(docs, "hash", valid_fraction=0.05)
+    _, valid_rev = T.split_source(list(reversed(docs)), "hash", valid_fraction=0.05)
     vids = {c.doc_id for c in valid}
     assert vids == {c.doc_id for c in valid_rev}
     assert not vids & {c.doc_id for c in train}
     assert 10 <= len(vids) <= 11                                 # ~5 % of 200 similar entries
     with pytest.raises(ValueError):
-        C.split_source(docs, "random")
+        T.split_source(docs, "random")
 
 
 def test_interleave_and_format_documents():
-    chunks = [C.Chunk("a", "d", i, f"text {i}") for i in range(20)]
-    order = C.interleave(chunks)
-    assert order == C.interleave(list(reversed(chunks)))
+    chunks = [T.Chunk("a", "d", i, f"text {i}") for i in range(20)]
+    order = T.interleave(chunks)
+    assert order == T.interleave(list(reversed(chunks)))
     assert order != chunks
-    text = C.format_documents(["one\npara", "two", ""])
+    text = T.format_documents(["one\npara", "two", ""])
     assert text == "one\npara\n\ntwo\n"
-    assert C.format_documents([]) == ""
+    assert T.format_documents([]) == ""
 
 
 # --------------------------------------------------------------------------- formats
@@ -246,16 +247,16 @@ def _fake_sources():
     book = C._Source("book", "A book", "public domain", "train", "tail",
                      {"type": "debian", "name": "pkg", "version": "1.0-1"}, ["f"],
                      "Public domain.", [{"file": "copyright", "lines": ["public domain"]}],
-                     [C.Document("book", "B", _paras(100))], {"f": "0" * 64})
+                     [T.Document("book", "B", _paras(100))], {"f": "0" * 64})
     ood = C._Source("ood", "Other", "PSF-2.0", "ood", "none",
                     {"type": "debian", "name": "doc", "version": "2"}, ["g"], "PSF.",
-                    [{"file": "copyright", "lines": ["PSF"]}], [C.Document("ood", "O", _paras(5))])
+                    [{"file": "copyright", "lines": ["PSF"]}], [T.Document("ood", "O", _paras(5))])
     return book, ood
 
 
 def test_manifest_shape_is_json_and_deterministic():
     book, ood = _fake_sources()
-    tr, va = C.split_source(book.docs, "tail")
+    tr, va = T.split_source(book.docs, "tail")
     stats = {"book": {"train": (len(tr), sum(len(c.text) for c in tr)),
                       "valid": (len(va), sum(len(c.text) for c in va)), "valid_documents": None},
              "ood": {"ood": (1, 500)}}
