@@ -72,7 +72,6 @@ class FitSettings:
                                     # ((DOC_START_ID,),); the first is the tokenizer's own
     fit_all_prefixes: bool = True   # fit every sequence start from the first step (else only
                                     # the first; the others join when the final check fails)
-    first_token_phase: bool = False  # fit first answer tokens alone before whole answers
     seed: int = 0
 
 
@@ -411,15 +410,13 @@ class Fitter:
                     return t
             return t0
 
-        # Facts whose trigger N-gram other facts share with another answer ("was born in" ->
-        # 1993 / 2013) get an anchor too: a row at their last prompt position whose N-gram is
+        # Facts whose trigger N-gram other facts share ("was born in" -> 1993 / 2013) get an
+        # anchor too: a row at their last prompt position whose N-gram is
         # theirs alone ("Quinn was"), which tells the shared rows whose answer to give.
         h0 = self.hi_cols[0]
-        first_by_key: dict[int, set] = {}
         facts_by_key: dict[int, set] = {}
         for it in items:
             if it.write and it.train:
-                first_by_key.setdefault(int(it.keys[trigger_position(it), h0]), set()).add(int(it.ttok[0]))
                 for t in range(len(it.ids)):
                     facts_by_key.setdefault(int(it.keys[t, h0]), set()).add(it.fact)
 
@@ -441,8 +438,7 @@ class Fitter:
                         if not it.rare[int(it.tpos[j])] and it.base_margin[j] < self.s.margin)
             heads = min(self.K, self.s.heads * (2 if blind else 1))
             place_at(ii, trigger_position(it), heads, int(it.ttok[0]))
-            shared = len(first_by_key[int(it.keys[trigger_position(it), h0])]) > 1
-            shared |= len(facts_by_key[int(it.keys[trigger_position(it), h0])]) > 1
+            shared = len(facts_by_key[int(it.keys[trigger_position(it), h0])]) > 1
             if shared and self.s.anchors and (a := anchor_position(it)) is not None:
                 place_at(ii, a, self.s.heads, int(it.ttok[0]))
             for j in range(1, len(it.tpos)):
@@ -524,16 +520,13 @@ class Fitter:
         _, state = self.eng(it.h[None, :it.start], it.e[None, :it.start].reshape(1, it.start, -1))
         return state[0]
 
-    def _end(self, it, limit):
-        """End of the positions a pass needs: all, or up to the `limit`-th target."""
-        return len(it.ids) if limit is None else int(it.tpos[:limit][-1]) + 1
-
-    def _batch(self, items, sel, limit=None):
-        """Padded suffix tensors of the items `sel` (indices); with `limit`, only their first
-        `limit` targets (and the positions up to them)."""
+    def _batch(self, items, sel):
+        """Padded suffix tensors of the items `sel` (indices): positions from each item's first
+        overridden look-up on, its cached prefix (attention keys/values, conv state), a mask
+        that hides padding, and where its targets sit."""
         its = [items[i] for i in sel]
         B = len(its)
-        S = max(self._end(it, limit) - it.start for it in its)
+        S = max(len(it.ids) - it.start for it in its)
         Lp = max(it.start for it in its)
         D = self.em.cfg.hidden_size
         h = torch.zeros(B, S, D)
@@ -550,7 +543,7 @@ class Fitter:
         causal = torch.triu(torch.full((S, S), neg), diagonal=1)
         flat, tgt = [], []
         for b, it in enumerate(its):
-            s, n = it.start, self._end(it, limit) - it.start
+            s, n = it.start, len(it.ids) - it.start
             h[b, :n], e[b, :n] = it.h[s:s + n], it.e[s:s + n]
             idx[b, :n] = torch.from_numpy(it.idx[s:s + n])
             pos[b] = s + torch.arange(S)
@@ -559,18 +552,18 @@ class Fitter:
                 pv[li][b, :, :s] = it.kv[li][1][:, :s]
             mask[b, 0, :, :s] = 0.0
             mask[b, 0, :, Lp:] = causal
-            flat.extend(b * S + (it.tpos[:limit] - s))
-            tgt.extend(it.ttok[:limit])
+            flat.extend(b * S + (it.tpos - s))
+            tgt.extend(it.ttok)
         prefix = {self.wl + li: (pk[li], pv[li]) for li in range(n_layers)}
         return dict(h=h, e=e, idx=idx, pos=pos, cs=cs, prefix=prefix, mask=mask,
                     flat=torch.tensor(flat), tgt=torch.tensor(tgt), S=S)
 
-    def _buckets(self, items, sel, limit=None, waste: float = 1.3, max_tokens: int = 4096):
+    def _buckets(self, items, sel, waste: float = 1.3, max_tokens: int = 4096):
         """`sel` split into groups of similar suffix length (padding at most `waste` x)."""
-        order = sorted(sel, key=lambda i: self._end(items[i], limit) - items[i].start)
+        order = sorted(sel, key=lambda i: len(items[i].ids) - items[i].start)
         out, cur, total = [], [], 0
         for i in order:
-            n = self._end(items[i], limit) - items[i].start
+            n = len(items[i].ids) - items[i].start
             if cur and (n * (len(cur) + 1) > waste * (total + n) or n * (len(cur) + 1) > max_tokens):
                 out.append(cur)
                 cur, total = [], 0
@@ -580,21 +573,21 @@ class Fitter:
             out.append(cur)
         return out
 
-    def _cached_batch(self, items, sel, limit=None):
-        key = (tuple(sel), limit)
+    def _cached_batch(self, items, sel):
+        key = tuple(sel)
         bt = self._batch_cache.get(key)
         if bt is None:
             if len(self._batch_cache) > 256:
                 self._batch_cache.clear()
-            bt = self._batch_cache[key] = self._batch(items, sel, limit)
+            bt = self._batch_cache[key] = self._batch(items, sel)
         return bt
 
-    def _run_buckets(self, items, sel, values, backward: bool, scale: float = 1.0, limit=None):
+    def _run_buckets(self, items, sel, values, backward: bool, scale: float = 1.0):
         """(loss, {item: margins of its targets}) over `sel`, bucketed; backward per bucket."""
         total, margins = 0.0, {}
-        for bucket in self._buckets(items, sel, limit):
+        for bucket in self._buckets(items, sel):
             t0 = time.time()
-            bt = self._cached_batch(items, bucket, limit)
+            bt = self._cached_batch(items, bucket)
             t1 = time.time()
             logits = self._forward(bt, values)
             loss = F.cross_entropy(logits, bt["tgt"], reduction="sum") * scale
@@ -609,7 +602,7 @@ class Fitter:
             m, _ = self._margins(logits.detach(), bt["tgt"])
             k = 0
             for i in bucket:
-                n = len(items[i].tpos[:limit])
+                n = len(items[i].tpos)
                 margins[i] = m[k:k + n]
                 k += n
         return total, margins
@@ -625,7 +618,7 @@ class Fitter:
         return self._logits(hidden.reshape(B * S, -1)[bt["flat"]])
 
     # ------------------------------------------------------------ optimisation
-    def _optimize(self, items, facts, entries, values, place, owner, method):
+    def _optimize(self, items, facts, entries, values, grow, owner, method):
         s = self.s
         if method == "opt":
             return self._optimize_opt(items, facts, entries, values)
@@ -656,19 +649,12 @@ class Fitter:
             return {int(c) for c in comp} - has
 
         done: set[int] = untrainable()   # converged (or unchangeable) components
-        # First-token phase: fit every fact's first answer token alone (the trigger; a pass
-        # then runs a single position per fact), then the whole answers.
-        limit = 1 if s.first_token_phase else None
         failing_since: dict[int, int] = {}
         step = 0
         checks = 0
         bar = self.progress(total=s.max_steps) if self.progress else None
         while step < s.max_steps:
             active = [i for i, it in enumerate(items) if it.train and comp[i] not in done]
-            if not active and limit is not None:
-                limit, done, failing_since = None, untrainable(), {}
-                self.trace.append(("whole answers", step))
-                continue
             if not active:
                 # every component converged: check everything with the stored value type
                 checks += 1
@@ -682,7 +668,7 @@ class Fitter:
                 continue
             opt.zero_grad(set_to_none=False)
             loss, item_margins = self._run_buckets(items, active, param, backward=True,
-                                                   scale=1.0 / len(active), limit=limit)
+                                                   scale=1.0 / len(active))
             item_min = {i: float(m.min()) for i, m in item_margins.items()}
             snapshot = param.detach().clone()
             comp_ok: dict[int, bool] = {}
@@ -714,7 +700,7 @@ class Fitter:
                 failing_since.setdefault(c, step)
                 if step - failing_since[c] >= s.grow_after:
                     failing_since[c] = step
-                    grew |= self._grow(items, [i for i in active if comp[i] == c], item_margins, place)
+                    grew |= self._grow(items, [i for i in active if comp[i] == c], item_margins, grow)
             if grew:
                 cur = param.detach().numpy()
                 for ei in range(cur.shape[0]):
@@ -763,7 +749,6 @@ class Fitter:
         common = self._common_canon()
         canon = self.em.canonical(torch.tensor([it.ids]))[0]
         n = self.em.cfg.max_ngram_size
-        c = np.concatenate([np.full(n - 1, -1), canon])
         cm = np.concatenate([np.ones(n - 1, bool), common[canon]])
         out = np.zeros(len(it.ids), bool)
         for t in range(len(it.ids)):
@@ -788,9 +773,6 @@ class Fitter:
 
     def _grow(self, items, comp_items, item_margins, grow):
         return any([grow(i, item_margins[i]) for i in comp_items if i in item_margins])
-
-    def _heads_at(self, it, t):
-        return int((it.idx[t, self.hi_cols] >= 0).sum()) if it.idx is not None else 0
 
     def _rounded(self, values: torch.Tensor) -> torch.Tensor:
         if self.s.value_dtype == "f16":

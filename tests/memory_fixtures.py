@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from tests.tiny import tiny_engram, tiny_tokenizer
