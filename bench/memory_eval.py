@@ -160,7 +160,7 @@ def written_hits(m: Model, path, text: str) -> int:
     return hits
 
 
-def evaluate(m: Model, spec: str, text: str, method: str, workdir: Path) -> dict:
+def evaluate(m: Model, spec: str, text: str, method: str, workdir: Path, chat: bool = True) -> dict:
     from engram_local import memory
     from engram_local.perplexity import bits_per_byte
 
@@ -200,7 +200,7 @@ def evaluate(m: Model, spec: str, text: str, method: str, workdir: Path) -> dict
         ids = {f.id for f in facts}
         qa = [q for q in extra["user"]["direct_qa"] if q.get("key", q.get("fact_key")) in ids] \
             if any("key" in q or "fact_key" in q for q in extra["user"]["direct_qa"]) else extra["user"]["direct_qa"]
-        if len(facts) == len(extra["user"]["facts"]) and qa:
+        if chat and len(facts) == len(extra["user"]["facts"]) and qa:
             m.use([path])
             c = chat_recall(m, qa)
             m.use([])
@@ -218,6 +218,7 @@ def main(argv=None):
     ap.add_argument("--method", default="joint", choices=["joint", "opt", "unembed"])
     ap.add_argument("--out", default=None, help="Append results as JSON lines here.")
     ap.add_argument("-t", "--threads", type=int, default=None)
+    ap.add_argument("--no-chat", action="store_true", help="Skip the (slow) chat-form recall.")
     a = ap.parse_args(argv)
     import torch
 
@@ -231,7 +232,7 @@ def main(argv=None):
           f"torch threads {torch.get_num_threads()}", file=sys.stderr)
     with tempfile.TemporaryDirectory() as d:
         for spec in a.sets.split(","):
-            res = evaluate(m, spec, text, a.method, Path(d))
+            res = evaluate(m, spec, text, a.method, Path(d), chat=not a.no_chat)
             res.update(model=m.desc, threads=torch.get_num_threads())
             line = json.dumps(res)
             print(line, flush=True)

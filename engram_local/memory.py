@@ -205,10 +205,8 @@ def fingerprint_of(model: str | os.PathLike | None) -> int:
         from engram_local.gguf_io import open_sidecar
 
         return int(open_sidecar(target.engram).fingerprint)
-    from engram_local.checkpoint import load_engram_model
-
-    em, _ = load_engram_model(target)
-    return model_fingerprint(em)
+    raise ValueError(f"{target}: user memory needs a MODEL_DIR; convert the checkpoint with "
+                     "`engram-local convert` first")
 
 
 def load_model_for_memory(model: str | os.PathLike | None = None):
@@ -264,6 +262,30 @@ def attach_overrides(em, stacks) -> None:
 
 
 # --------------------------------------------------------------------------- writing and forgetting
+
+class _bare:
+    """While active, every Engram layer of `em` reads its table without user override sets
+    (writing fits against the shared table; a model from a session with memory attached has
+    its sets put back afterwards)."""
+
+    def __init__(self, em):
+        self.em, self.saved = em, {}
+
+    def __enter__(self):
+        from engram_local import native
+
+        for layer in self.em.cfg.layer_ids:
+            src = self.em.engram[str(layer)].source
+            state = getattr(src, "_state", None)
+            if isinstance(src, native.Gatherer) and state is not None and state[1]:
+                self.saved[layer] = src
+                self.em.engram[str(layer)].source = native.Gatherer(state[0])
+        return self.em
+
+    def __exit__(self, *exc):
+        for layer, src in self.saved.items():
+            self.em.engram[str(layer)].source = src
+
 
 @dataclass
 class WriteReport:
@@ -385,7 +407,8 @@ def remember(path: str | os.PathLike, new: Iterable[NewFact], em, tok, fingerpri
         old = [FactIn(f.id, [f.prompt] + list(f.paraphrases), f.answer) for f in mf.facts]
         existing, owner = _fit_inputs(mf, wl)
         ins = old + [FactIn(f.id, [f.prompt] + list(f.paraphrases), f.answer) for f in new]
-        res = fitter.fit(ins, existing, owner)
+        with _bare(em):
+            res = fitter.fit(ins, existing, owner)
         now = utc_now()
         meta = list(mf.facts) + [LedgerFact(id=f.id, prompt=f.prompt, answer=f.answer,
                                             paraphrases=list(f.paraphrases), written=now, method=method)
@@ -442,15 +465,13 @@ def forget(path: str | os.PathLike, fact_ids: Sequence[str], em, tok, fingerprin
         ins = [FactIn(f.id, [f.prompt] + list(f.paraphrases), f.answer) for f in keep]
         # the forgotten prompts: if they still read a remaining row, hold them to the model's own
         # continuation without any memory
-        for f in gone:
-            for p in [f.prompt] + list(f.paraphrases):
-                n = len(answer_tokens(tok, p, f.answer)[1])
-                ins.append(FactIn(f"forgotten:{len(ins)}", [p], f.answer, keep_out=True,
-                                  keep_out_tokens=greedy(em, tok, p, n)))
-        if any(not f.keep_out for f in ins) or existing:
-            res = fitter.fit(ins, existing, owner)
-        else:
-            res = None
+        with _bare(em):
+            for f in gone:
+                for p in [f.prompt] + list(f.paraphrases):
+                    n = len(answer_tokens(tok, p, f.answer)[1])
+                    ins.append(FactIn(f"forgotten:{len(ins)}", [p], f.answer, keep_out=True,
+                                      keep_out_tokens=greedy(em, tok, p, n)))
+            res = fitter.fit(ins, existing, owner) if (any(not f.keep_out for f in ins) or existing) else None
         if res is None:
             from engram_local.writer import FitResult
             res = FitResult(rows=np.zeros(0, np.int64), keys=np.zeros(0, np.int64),

@@ -250,3 +250,20 @@ def test_other_methods_write_files(model, tmp_path, method):
     report = write(path, FACTS[:2], model, method=method)
     mf = read_memory_file(path, model[2])
     assert [f.method for f in mf.facts] == [method, method] and report.rows > 0
+
+
+def test_writing_ignores_memory_attached_to_the_model(model, written, tmp_path):
+    from tests.memory_fixtures import with_overrides
+
+    em, tok, fp = model
+    path, _ = written
+    fact = [NewFact("w70 w71 w72", "w80 w81", id="x")]
+    write(tmp_path / "plain.eov", fact, model)
+    stacks = open_overrides([path], fp)
+    with with_overrides(em, stacks):
+        attached = [em.engram[str(l)].source for l in stacks]
+        write(tmp_path / "attached.eov", fact, model)
+        assert [em.engram[str(l)].source for l in stacks] == attached
+    a = read_memory_file(tmp_path / "plain.eov", fp)
+    b = read_memory_file(tmp_path / "attached.eov", fp)
+    assert a.entries() == b.entries() and np.array_equal(a.values(), b.values())
