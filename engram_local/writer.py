@@ -59,8 +59,9 @@ class FitSettings:
     margin: float = 2.0             # every answer token must beat the runner-up logit by this
     heads: int = 1                  # highest-order heads written per position at first
     anchors: bool = True            # facts sharing their trigger rows get a row of their own
-    common_share: float = 0.04      # tokens among this share of the first raw ids count as
-                                    # common (see Fitter._rare_positions); 0 = no such rule
+    common_logp: float | None = -8.0  # N-grams the model finds likelier than 10**this (from a
+                                    # document start) are common: no rows there where avoidable
+                                    # (Fitter._mark_rare); None = write at any N-gram
     grow_after: int = 15            # steps a component may fail before it gets more rows
     unembed_scale: float | None = None  # UNEMBED_P scale: None = |W_V e| = gain * |h| (calibrated);
                                     # the paper's fixed 20 suits its own model only
@@ -396,8 +397,10 @@ class Fitter:
                     owner[fid_index[fid]].add(add(tuple(k)))
         owned = set().union(*owner.values()) if owner else set()
         self.fixed = np.array(sorted(set(range(len(values))) - owned), np.int64)
+        self._mark_rare(items)
         for it in items:
-            it.rare = self._rare_positions(it)
+            if facts[it.fact].id in (existing_owner or {}) and not facts[it.fact].keep_out:
+                it.need = self.s.margin / 2     # already accepted: refit only if it degrades
 
         def trigger_position(it) -> int:
             """The trigger, or - when its N-gram is common - the last prompt position whose
@@ -736,40 +739,48 @@ class Fitter:
         """Tokens of the sequence start (BOS or another prefix) before the prompt."""
         return len(it.prefix)
 
-    def _rare_positions(self, it) -> np.ndarray:
-        """Per position: its highest-order N-gram is not made only of common tokens.
+    @torch.no_grad()
+    def _mark_rare(self, items, window: int = 4, chunk: int = 256):
+        """it.rare[t]: the highest-order N-gram ending at t is rare enough to carry a row.
 
-        A token is common when its canonical class holds one of the first `common_share` of the
-        raw ids (BPE ids come roughly in order of frequency: 4% of SmolLM2's 49k = 1966, so " works",
-        " as", " a", " name", " is" are common, " born", " favorite", names are not) or no letter (digits,
-        punctuation, spaces). Rows at an N-gram of common tokens ("works as a", " 20",
-        "199") would fire in ordinary text; the writer avoids them where it can."""
-        if self.s.common_share <= 0:
-            return np.ones(len(it.ids), bool)
-        common = self._common_canon()
-        canon = self.em.canonical(torch.tensor([it.ids]))[0]
+        An N-gram is common when the model itself, from a document start, gives its tokens a
+        joint probability of at least 10**common_logp ("was born in" 10**-5.4, "works as a"
+        10**-7.5), or when none of its tokens has a letter (digits: " 20", "199"). Rows there
+        would fire in ordinary text; the writer avoids them where it can. Only the trigger,
+        the `window` prompt positions before it and the answer positions are scored."""
         n = self.em.cfg.max_ngram_size
-        cm = np.concatenate([np.ones(n - 1, bool), common[canon]])
-        out = np.zeros(len(it.ids), bool)
-        for t in range(len(it.ids)):
-            out[t] = not cm[t:t + n].all()
-        return out
+        letters = self._letter_tokens()
+        todo: dict[tuple, float] = {}
+        for it in items:
+            it.rare = np.zeros(len(it.ids), bool)
+            lo = max(self.prefix_len(it), int(it.tpos[0]) - window)
+            for t in range(lo, len(it.ids)):
+                todo.setdefault(tuple(it.ids[max(self.prefix_len(it), t - n + 1):t + 1]), 0.0)
+        if self.s.common_logp is None:
+            scores = {g: -np.inf for g in todo}
+        else:
+            grams = [g for g in todo if any(letters[x] for x in g)]
+            scores = {g: 0.0 for g in todo}
+            for c0 in range(0, len(grams), chunk):
+                part = grams[c0:c0 + chunk]
+                x = torch.full((len(part), n + 1), DOC_START_ID, dtype=torch.long)
+                for b, g in enumerate(part):
+                    x[b, 1:1 + len(g)] = torch.tensor(g)
+                lp = torch.log_softmax(self.em(x).logits.float(), dim=-1)
+                for b, g in enumerate(part):
+                    scores[g] = sum(float(lp[b, j, g[j]]) for j in range(len(g))) / math.log(10)
+        for it in items:
+            lo = max(self.prefix_len(it), int(it.tpos[0]) - window)
+            for t in range(lo, len(it.ids)):
+                g = tuple(it.ids[max(self.prefix_len(it), t - n + 1):t + 1])
+                it.rare[t] = self.s.common_logp is None or scores[g] < self.s.common_logp
 
-    def _common_canon(self) -> np.ndarray:
-        if getattr(self, "_common", None) is None:
-            cmap = self.em.canonical_map.cpu().numpy()
-            n_canon = int(cmap.max()) + 1
-            first = np.full(n_canon, np.iinfo(np.int64).max)
-            np.minimum.at(first, cmap, np.arange(len(cmap)))
-            common = first < self.s.common_share * len(cmap)
-            letters = np.zeros(n_canon, bool)
-            vocab = len(self.tok)
-            texts = self.tok.convert_ids_to_tokens(list(range(min(vocab, len(cmap)))))
-            for raw, text in enumerate(texts):
-                if text and any(ch.isalpha() for ch in self.tok.convert_tokens_to_string([text])):
-                    letters[cmap[raw]] = True
-            self._common = common | ~letters
-        return self._common
+    def _letter_tokens(self) -> np.ndarray:
+        if getattr(self, "_letters", None) is None:
+            texts = self.tok.convert_ids_to_tokens(list(range(len(self.tok))))
+            self._letters = np.array([any(ch.isalpha() for ch in self.tok.convert_tokens_to_string([t]))
+                                      if t else False for t in texts])
+        return self._letters
 
     def _grow(self, items, comp_items, item_margins, grow):
         return any([grow(i, item_margins[i]) for i in comp_items if i in item_margins])
@@ -781,9 +792,10 @@ class Fitter:
 
     @torch.no_grad()
     def _check(self, items, values):
-        """Indices of items whose answer is not the argmax with half the margin (values as given)."""
+        """Indices of items whose answer is not the argmax with half the margin (or their own
+        smaller one), with the values as given."""
         _, margins = self._run_buckets(items, list(range(len(items))), values, backward=False)
-        return [i for i in range(len(items)) if margins[i].min() < items[i].need / 2]
+        return [i for i in range(len(items)) if margins[i].min() < min(items[i].need, self.s.margin / 2)]
 
     @torch.no_grad()
     def _final_check(self, items, facts, entries, vals):
