@@ -11,9 +11,11 @@ import sys
 import click
 
 from engram_local.commands import convert as convert_cmds
+from engram_local.commands import eval as eval_cmds
 from engram_local.commands import memory as memory_cmds
 from engram_local.commands import model as model_cmds
 from engram_local.commands import run as run_cmds
+from engram_local.commands import skill as skill_cmds
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -39,6 +41,8 @@ main.add_command(memory_cmds.remember)
 main.add_command(memory_cmds.facts)
 main.add_command(memory_cmds.forget)
 main.add_command(run_cmds.run)
+main.add_command(eval_cmds.eval_group)
+main.add_command(skill_cmds.train_skill)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -133,6 +133,7 @@ def _load_model_dir(md: ModelDir, overrides: OverrideStacks | None, adapter: boo
         merge_lora(backbone, read_lora_adapter(md.adapter), header)
 
     em = EngramModel(backbone, cfg, cmap, tables=False)
+    em.skill_adapter = md.adapter if adapter else None     # memory fits chat forms with one
     with torch.no_grad():
         for layer in cfg.layer_ids:
             state = {k: torch.from_numpy(v) for k, v in sidecar.layer_state(layer).items()}
@@ -253,3 +254,11 @@ def merge_lora(backbone, adapter, backbone_header):
                                       f"the adapter's B A is {[b.shape[0], a.shape[1]]}")
             delta = torch.from_numpy(b) @ torch.from_numpy(a)
             weight.add_(delta.to(weight.dtype), alpha=adapter.scale(base))
+
+
+def merge_adapter_file(backbone, adapter_path: str | os.PathLike, backbone_gguf: str | os.PathLike):
+    """merge_lora of the llama.cpp LoRA adapter GGUF at `adapter_path` into `backbone`, the model
+    of the backbone GGUF `backbone_gguf` (an adapter other than the MODEL_DIR's own)."""
+    from engram_local.gguf_io import read_lora_adapter, scan_gguf
+
+    merge_lora(backbone, read_lora_adapter(Path(adapter_path)), scan_gguf(Path(backbone_gguf)))

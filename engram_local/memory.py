@@ -356,15 +356,33 @@ def _next_ids(taken: set[str], n: int) -> list[str]:
     return out
 
 
+def fact_inputs(facts, em, tok, chat: bool | None = None) -> list:
+    """The writer's FactIn of ledger or new facts. With `chat` (default: when `em` carries the
+    skill adapter) each fact is also fitted as the adapter recites it in a chat reply."""
+    from engram_local.writer import FactIn
+
+    if chat is None:
+        chat = getattr(em, "skill_adapter", None) is not None
+    contexts = {}
+    if chat:
+        from engram_local.skill import chat_contexts
+
+        contexts = chat_contexts(facts, tok)
+    return [FactIn(f.id, [f.prompt] + list(f.paraphrases), f.answer, contexts=contexts.get(f.id, []))
+            for f in facts]
+
+
 def remember(path: str | os.PathLike, new: Iterable[NewFact], em, tok, fingerprint: int,
              method: str = "joint", value_type: str | None = None, settings=None,
-             progress=None) -> WriteReport:
+             progress=None, chat: bool | None = None) -> WriteReport:
     """Add facts to the .eov file at `path` (created if missing), refitting what the new rows
-    touch; returns the new facts' ids. Nothing is written when any fact is invalid."""
+    touch; returns the new facts' ids. Nothing is written when any fact is invalid. `chat`:
+    also fit each fact in the chat form the skill adapter recites it in (default: when the
+    model carries the adapter)."""
     import time
 
     from engram_local.overrides import LedgerFact, MemoryFile, locked, read_memory_file, utc_now
-    from engram_local.writer import FactIn, FitError, FitSettings, Fitter, answer_tokens
+    from engram_local.writer import FitError, FitSettings, Fitter, answer_tokens
 
     t0 = time.time()
     new = list(new)
@@ -404,9 +422,8 @@ def remember(path: str | os.PathLike, new: Iterable[NewFact], em, tok, fingerpri
         s = settings or FitSettings()
         s.method, s.value_dtype = method, vt
         fitter = Fitter(em, tok, s, progress=progress)
-        old = [FactIn(f.id, [f.prompt] + list(f.paraphrases), f.answer) for f in mf.facts]
         existing, owner = _fit_inputs(mf, wl)
-        ins = old + [FactIn(f.id, [f.prompt] + list(f.paraphrases), f.answer) for f in new]
+        ins = fact_inputs(list(mf.facts) + new, em, tok, chat)
         with _bare(em):
             res = fitter.fit(ins, existing, owner)
         now = utc_now()
@@ -433,7 +450,7 @@ def greedy(em, tok, prompt: str, n: int, stacks=None) -> list[int]:
 
 
 def forget(path: str | os.PathLike, fact_ids: Sequence[str], em, tok, fingerprint: int,
-           settings=None, progress=None) -> WriteReport:
+           settings=None, progress=None, chat: bool | None = None) -> WriteReport:
     """Remove facts: their ledger entries and every row only they used are dropped, rows they
     shared are refitted for the remaining facts, and when the forgotten prompt still looks up a
     remaining row, the refit also holds that prompt to the model's own continuation. The file is
@@ -462,7 +479,7 @@ def forget(path: str | os.PathLike, fact_ids: Sequence[str], em, tok, fingerprin
         s = settings or FitSettings()
         s.value_dtype = mf.value_type() if mf.layers else "f16"
         fitter = Fitter(em, tok, s, progress=progress)
-        ins = [FactIn(f.id, [f.prompt] + list(f.paraphrases), f.answer) for f in keep]
+        ins = fact_inputs(keep, em, tok, chat)
         # the forgotten prompts: if they still read a remaining row, hold them to the model's own
         # continuation without any memory
         with _bare(em):

@@ -215,7 +215,9 @@ class Session:
                  backend: str = "auto", n_ctx: int = DEFAULT_CTX, n_threads: int | None = None,
                  n_gpu_layers: int = 0, device: str | None = None, skill: bool = True,
                  allow_missing_last_override: bool = False, log: Callable[[str], None] = _stderr,
-                 kv_f32: bool = False):
+                 kv_f32: bool = False, adapter: str | os.PathLike | None = None):
+        """adapter: a LoRA adapter GGUF to use instead of the MODEL_DIR's own (`skill` is then
+        ignored), e.g. a per-user adapter in the head-to-head evaluation."""
         from engram_local import loader
 
         if backend not in BACKENDS:
@@ -272,7 +274,8 @@ class Session:
                                f"(pip install llama-cpp-python=={llama_backend.PINNED_LLAMA_CPP_PYTHON})")
             if device not in (None, "cpu"):
                 log(f"engram-local: --device {device} applies to the torch backend; llama.cpp uses -ngl")
-            adapter = self.model_dir.adapter if skill else None
+            if adapter is None:
+                adapter = self.model_dir.adapter if skill else None
             try:
                 self.backend = llama_backend.LlamaCppBackend(
                     self.model_dir.backbone, sidecar=self.sidecar, overrides=stack, adapter=adapter,
@@ -284,7 +287,13 @@ class Session:
 
             _quiet_transformers()
             try:
-                self.backend = TorchBackend(model, overrides=stack or None, skill=skill,
+                loaded = None
+                if adapter is not None:
+                    if self.model_dir is None:
+                        raise RunError("an explicit LoRA adapter needs a MODEL_DIR")
+                    loaded = loader.load_model(self.model_dir.path, stack or None, adapter=False)[:2]
+                    loader.merge_adapter_file(loaded[0].backbone, adapter, self.model_dir.backbone)
+                self.backend = TorchBackend(model, overrides=stack or None, skill=skill, loaded=loaded,
                                             device=device or "cpu", n_ctx=n_ctx, n_threads=n_threads, log=log)
             except (FileNotFoundError, PermissionError, RuntimeError) as exc:
                 raise RunError(str(exc)) from None

@@ -57,6 +57,8 @@ class FitSettings:
                                     # state by its own norm (see Fitter._calibrate)
     max_steps: int = 400            # optimizer steps at most (all components together)
     margin: float = 2.0             # every answer token must beat the runner-up logit by this
+    context_margin: float = 4.0     # the same in a fact's contexts (chat replies): the real
+                                    # question is not the stand-in, so the rows need headroom
     heads: int = 1                  # highest-order heads written per position at first
     anchors: bool = True            # facts sharing their trigger rows get a row of their own
     common_logp: float | None = -8.0  # N-grams the model finds likelier than 10**this (from a
@@ -84,6 +86,8 @@ class FactIn:
     answer: str
     keep_out: bool = False          # a forgotten fact: make its prompt behave as without rows
     keep_out_tokens: list | None = None
+    contexts: list = field(default_factory=list)   # (lead text, prompt): the prompt after a lead
+                                    # where no row may go, e.g. a chat turn reciting the fact
 
 
 @dataclass
@@ -174,6 +178,10 @@ class _Item:
     base_pred: np.ndarray | None = None
     idx: np.ndarray | None = None   # (T, H) entry index of each look-up or -1
     start: int = 0                  # first position with an overridden look-up
+    # guards (chat contexts): positions whose next prompt token the rows must not disturb, as
+    # the model itself says the prompt there; in the loss only (prompts sharing words conflict)
+    gpos: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    gtok: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
 
 class Fitter:
@@ -210,21 +218,29 @@ class Fitter:
     def items_for(self, facts: list[FactIn]) -> list[_Item]:
         items = []
         for fi, f in enumerate(facts):
-            for pi, prompt in enumerate(f.prompts):
+            leads = [((), prompt) for prompt in f.prompts]
+            leads += [(tuple(self.tok(lead, add_special_tokens=False)["input_ids"]), prompt)
+                      for lead, prompt in ([] if f.keep_out else f.contexts)]
+            for lead, prompt in leads:
                 p, a = answer_tokens(self.tok, prompt, f.answer)
                 if f.keep_out:
                     a = list(f.keep_out_tokens or [])[:len(a)]
                     if not a:
                         continue
-                for ci, pre in enumerate(self.prefixes):
+                # a context's lead follows the runtime's own sequence start only
+                for ci, pre in enumerate(self.prefixes[:1] if lead else self.prefixes):
+                    pre = tuple(pre) + lead
                     seq = list(pre) + p + a
                     P = len(pre) + len(p)
                     items.append(_Item(fact=fi, ids=seq[:-1], tpos=np.arange(P - 1, len(seq) - 1),
                                        ttok=np.asarray(a, np.int64),
                                        train=ci == 0 or self.s.fit_all_prefixes,
                                        write=not f.keep_out,
-                                       need=KEEP_OUT_MARGIN if f.keep_out else self.s.margin,
-                                       prefix=tuple(pre)))
+                                       need=KEEP_OUT_MARGIN if f.keep_out else
+                                       (self.s.context_margin if lead else self.s.margin),
+                                       prefix=tuple(pre),
+                                       gpos=np.arange(len(pre) - 1, P - 1) if lead else np.zeros(0, np.int64),
+                                       gtok=np.asarray(p if lead else [], np.int64)))
         return items
 
     # ------------------------------------------------------------ base pass
@@ -544,7 +560,7 @@ class Fitter:
         neg = torch.finfo(torch.float32).min
         mask = torch.full((B, 1, S, Lp + S), neg)
         causal = torch.triu(torch.full((S, S), neg), diagonal=1)
-        flat, tgt = [], []
+        flat, tgt, ng = [], [], []
         for b, it in enumerate(its):
             s, n = it.start, len(it.ids) - it.start
             h[b, :n], e[b, :n] = it.h[s:s + n], it.e[s:s + n]
@@ -557,9 +573,14 @@ class Fitter:
             mask[b, 0, :, Lp:] = causal
             flat.extend(b * S + (it.tpos - s))
             tgt.extend(it.ttok)
+            g = it.gpos >= s                      # guards the rows can reach
+            flat.extend(b * S + (it.gpos[g] - s))
+            tgt.extend(it.gtok[g])
+            ng.append(int(g.sum()))
         prefix = {self.wl + li: (pk[li], pv[li]) for li in range(n_layers)}
         return dict(h=h, e=e, idx=idx, pos=pos, cs=cs, prefix=prefix, mask=mask,
-                    flat=torch.tensor(flat), tgt=torch.tensor(tgt), S=S)
+                    flat=torch.tensor(flat, dtype=torch.long), tgt=torch.tensor(tgt, dtype=torch.long),
+                    S=S, ng=ng)
 
     def _buckets(self, items, sel, waste: float = 1.3, max_tokens: int = 4096):
         """`sel` split into groups of similar suffix length (padding at most `waste` x)."""
@@ -604,10 +625,10 @@ class Fitter:
             total += float(loss.detach())
             m, _ = self._margins(logits.detach(), bt["tgt"])
             k = 0
-            for i in bucket:
+            for i, n_guard in zip(bucket, bt["ng"]):
                 n = len(items[i].tpos)
-                margins[i] = m[k:k + n]
-                k += n
+                margins[i] = m[k:k + n]          # targets only: guards never block convergence
+                k += n + n_guard
         return total, margins
 
     def _forward(self, bt, values):

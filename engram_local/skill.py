@@ -1,0 +1,418 @@
+"""The shared skill adapter: one LoRA, trained once, that teaches every user's memory to speak.
+
+Per-user facts live in Engram rows keyed on the words they were written in ("My doctor is" ->
+" Dr. Krause"). A question asked in chat ("Who is my doctor?") never produces those words by
+itself, so the rows never fire. The skill adapter teaches the model to answer a question about
+the user by first saying the remembered fact in the words it was written; the user's rows then
+supply the value (user-as-engram-method.md §5; the "recite" samples are ours).
+
+Samples per training user (the paper's held-out users u020-u029, shipped in
+engram_local/data/skill-users):
+  * fact      "<written sentence>"                              (paper: completion facts)
+  * reason    "Facts: <f1>. <f2>.\nQ: <indirect question>\nA: <gold>"   (paper, loss on the answer)
+  * chat      chat turn "<direct question>" -> "<recitation>"   (ours, loss on the reply)
+  * qa        "Q: <direct question>\nA: <recitation>"           (ours, loss on the reply)
+  * irecite   "Q: <indirect question>\nA: <recitation>"         (ours; only where a remembered
+              fact states the answer: "Who should I call about a dental issue?" -> the dentist)
+where a recitation is the fact's written sentence, preceded by the sentence of any other fact
+whose answer it names ("My spouse is Avery. Avery was born in 1978."), so a reply can reach a
+sentence that starts with a remembered name.
+
+Order (user-as-engram-method.md §3.3, layered design): each training user's facts are first
+written as Engram rows on the frozen base model, and the adapter trains with that user's rows
+attached, so it learns to lean on rows rather than to memorise values; at `remember` time users'
+rows are fitted through the finished adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+DEFAULT_USERS_DIR = Path(__file__).resolve().parent / "data" / "skill-users"
+
+
+KINDS = ("fact", "reason", "chat", "qa", "irecite")
+
+
+@dataclass
+class SkillSettings:
+    rank: int = 16                        # LoRA rank (paper §5: r = 16)
+    alpha: float = 32.0                   # LoRA alpha (2r); update scale alpha / r
+    targets: tuple = ("q_proj", "k_proj", "v_proj")   # adapted projections, every layer
+    steps: int = 400                      # optimizer steps
+    batch: int = 8                        # samples per step, all from one user (one row set attached)
+    lr: float = 1e-3                      # Adam learning rate (warm-up, then cosine to 10 %)
+    warmup: int = 20                      # linear warm-up steps
+    max_len: int = 192                    # tokens per sample at most (longer samples are dropped)
+    seed: int = 42                        # sample order and LoRA init
+    rows: bool = True                     # attach each training user's Engram rows while training
+    chat_rows: bool = False               # fit those rows in chat form too (measured worse)
+    kinds: tuple = ("fact", "reason", "chat", "qa")   # sample kinds to train on (also: irecite)
+    reason_per_user: int = 20             # indirect "Facts/Q/A" samples per user (paper: up to 20)
+
+
+@dataclass
+class Sample:
+    user: str                             # uid: whose rows are attached
+    kind: str                             # fact / reason / chat / qa
+    ids: list[int]                        # token ids
+    labels: list[int]                     # -100 where no loss
+
+
+# --------------------------------------------------------------------------- users and texts
+
+def user_files(dirs: Sequence[str | os.PathLike] | None) -> list[Path]:
+    """The user JSON files of `dirs` (files or directories of *.json), sorted; the shipped
+    training users by default."""
+    dirs = list(dirs) if dirs else [DEFAULT_USERS_DIR]
+    out = []
+    for d in dirs:
+        d = Path(d)
+        if d.is_dir():
+            found = sorted(d.glob("*.json"))
+            if not found:
+                raise FileNotFoundError(f"{d}: no user files (*.json)")
+            out += found
+        elif d.is_file():
+            out.append(d)
+        else:
+            raise FileNotFoundError(f"{d}: no such user file or directory")
+    return out
+
+
+def _sentence(prompt: str, answer: str) -> str:
+    from engram_local.writer import join_answer
+
+    return prompt + join_answer(prompt, answer) + "."
+
+
+def recitations(facts) -> dict[str, str]:
+    """fact id -> the reply that recites it in its written words.
+
+    A fact whose prompt names another fact's answer (a person: "Avery was born in") is preceded
+    by that fact's sentence ("My spouse is Avery."), so the reply can be produced from rows alone.
+    """
+    sentences = {f.id: _sentence(f.prompt, f.answer) for f in facts}
+    out = {}
+    for f in facts:
+        lead = [g for g in facts if g.id != f.id and len(g.answer) >= 2 and g.answer[:1].isupper()
+                and re.search(rf"(?<!\w){re.escape(g.answer)}(?!\w)", f.prompt)]
+        lead.sort(key=lambda g: -len(g.answer))
+        out[f.id] = " ".join([sentences[g.id] for g in lead[:1]] + [sentences[f.id]])
+    return out
+
+
+# Stand-in questions of the fitted chat turns (the real question is not known when writing):
+# a generic one, and one that names the fact's topic.
+CHAT_QUESTIONS = ("What do you remember about me?", "{prompt}?")
+
+
+def chat_contexts(facts, tok) -> dict[str, list[tuple[str, str]]]:
+    """fact id -> [(lead, prompt)]: the fact as the skill adapter recites it in a chat reply.
+
+    The lead is a chat turn up to the assistant's reply (the model's own template, a stand-in
+    question) plus any sentence the recitation starts with; `remember` fits the rows to give
+    the answer there too, so they work where the adapter makes the model say the prompt.
+    """
+    from engram_local.runtime import render_chat
+
+    recite, out = recitations(facts), {}
+    for f in facts:
+        lead = recite[f.id][: -len(_sentence(f.prompt, f.answer))].rstrip()
+        out[f.id] = []
+        for q in CHAT_QUESTIONS:
+            turn = render_chat(getattr(tok, "chat_template", None),
+                               [{"role": "user", "content": q.format(prompt=f.prompt)}],
+                               bos_token=tok.bos_token or "", eos_token=tok.eos_token or "")
+            out[f.id].append((turn + lead, (" " if lead else "") + f.prompt))
+    return out
+
+
+def user_texts(path: Path, settings: SkillSettings, rng: random.Random) -> list[tuple[str, str, str]]:
+    """(kind, context, reply) triples of one user; `context` is plain text or, for chat, the
+    user's question (rendered with the chat template later)."""
+    from engram_local.memory import user_json_facts
+
+    doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    facts = user_json_facts(path)
+    by_key = {f.id: f for f in facts}
+    recite = recitations(facts)
+    out = []
+    if "fact" in settings.kinds:
+        out += [("fact", "", _sentence(f.prompt, f.answer)) for f in facts]
+    direct = [q for q in doc.get("direct_qa", []) if q.get("key") in recite]
+    if "chat" in settings.kinds:
+        out += [("chat", q["question"], recite[q["key"]]) for q in direct]
+    if "qa" in settings.kinds:
+        out += [("qa", f"Q: {q['question']}\nA:", " " + recite[q["key"]]) for q in direct]
+    ind = list(doc.get("indirect_qa", []))
+    if "irecite" in settings.kinds:
+        # an indirect question whose answer a remembered fact states: answer by reciting it
+        for q in ind:
+            keys = [k for k in q.get("required_fact_keys", []) if k in recite]
+            gold = str(q.get("answer", "")).lower()
+            for k in keys:
+                if gold and re.search(rf"(?<!\w){re.escape(gold)}(?!\w)", by_key[k].answer.lower()):
+                    out.append(("irecite", f"Q: {q['question']}\nA:", " " + recite[k]))
+                    break
+    if "reason" in settings.kinds:
+        rng.shuffle(ind)
+        for q in ind[:settings.reason_per_user]:
+            keys = [k for k in q.get("required_fact_keys", []) if k in by_key]
+            if not keys:
+                continue
+            listed = " ".join(_sentence(by_key[k].prompt, by_key[k].answer) for k in keys)
+            out.append(("reason", f"Facts: {listed}\nQ: {q['question']}\nA:", f" {q['answer']}"))
+    return out
+
+
+# --------------------------------------------------------------------------- tokens
+
+class Tokens:
+    """Tokenize like `engram-local run` does: BOS as the backend adds it, chat turns through the
+    model's own chat template."""
+
+    def __init__(self, tok):
+        from engram_local.runtime import render_chat
+
+        self.tok, self._render = tok, render_chat
+        with_special = tok("a")["input_ids"]
+        plain = tok("a", add_special_tokens=False)["input_ids"]
+        self.bos = [tok.bos_token_id] if (len(with_special) > len(plain)
+                                          and with_special[0] == tok.bos_token_id) else []
+        self.template = getattr(tok, "chat_template", None)
+        self.eos_text = "<|im_end|>" if "<|im_end|>" in tok.get_vocab() else (tok.eos_token or "")
+
+    def ids(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def sample(self, user: str, kind: str, context: str, reply: str) -> Sample:
+        if kind == "chat":
+            rendered = self._render(self.template, [{"role": "user", "content": context}],
+                                    bos_token=self.tok.bos_token or "", eos_token=self.tok.eos_token or "")
+            bos = [] if (self.tok.bos_token and rendered.startswith(self.tok.bos_token)) else self.bos
+            ctx = bos + self.ids(rendered)
+            rep = self.ids(reply + self.eos_text)
+        elif kind == "fact":
+            ctx, rep = list(self.bos), self.ids(reply)
+        else:
+            full = self.ids(context + reply)
+            ctx = self.ids(context)
+            if full[:len(ctx)] != ctx:          # the reply's first token merged into the context
+                ctx = ctx[:-1]
+            ctx, rep = self.bos + ctx, full[len(ctx) - len(self.bos):]
+        return Sample(user, kind, ctx + rep, [-100] * len(ctx) + rep)
+
+
+def build_samples(files: Sequence[Path], tok, settings: SkillSettings) -> list[Sample]:
+    rng = random.Random(settings.seed)
+    t = Tokens(tok)
+    out = []
+    for path in files:
+        uid = Path(path).stem
+        for kind, ctx, reply in user_texts(path, settings, rng):
+            s = t.sample(uid, kind, ctx, reply)
+            if len(s.ids) <= settings.max_len:
+                out.append(s)
+    return out
+
+
+# --------------------------------------------------------------------------- training users' rows
+
+def training_rows(em, tok, fingerprint: int, files: Sequence[Path], work_dir: Path,
+                  log: Callable[[str], None], chat: bool = False) -> dict[str, Path]:
+    """uid -> .eov with that training user's facts fitted on the frozen model `em` (with `chat`
+    also in chat form; cached in work_dir: a file whose ledger holds the same facts is reused)."""
+    from engram_local.memory import remember, user_json_facts
+    from engram_local.overrides import read_memory_file
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for path in files:
+        uid = Path(path).stem
+        eov = work_dir / f"{uid}.eov"
+        facts = user_json_facts(path)
+        want = sorted((f.id, f.prompt, f.answer) for f in facts)
+        if eov.exists():
+            try:
+                have = sorted((f.id, f.prompt, f.answer) for f in read_memory_file(eov, fingerprint).facts)
+            except Exception:       # stale or foreign file: refit
+                have = None
+            if have == want:
+                out[uid] = eov
+                continue
+            eov.unlink()
+        t0 = time.time()
+        rep = remember(eov, facts, em, tok, fingerprint, chat=chat)
+        log(f"rows for {uid}: {len(facts)} facts, {rep.rows} rows, "
+            f"{sum(rep.recalled.values())}/{len(facts)} recalled, {time.time() - t0:.0f} s")
+        out[uid] = eov
+    return out
+
+
+# --------------------------------------------------------------------------- training
+
+def _batches(samples: list[Sample], settings: SkillSettings):
+    """Deterministic stream of batches, each from one user, users and samples shuffled."""
+    rng = random.Random(settings.seed + 1)
+    by_user: dict[str, list[Sample]] = {}
+    for s in samples:
+        by_user.setdefault(s.user, []).append(s)
+    users = sorted(by_user)
+    pools = {u: [] for u in users}
+    while True:
+        order = users[:]
+        rng.shuffle(order)
+        for u in order:
+            if len(pools[u]) < settings.batch:
+                fresh = by_user[u][:]
+                rng.shuffle(fresh)
+                pools[u] += fresh
+            yield u, [pools[u].pop() for _ in range(min(settings.batch, len(pools[u])))]
+
+
+def _collate(batch: list[Sample], pad_id: int):
+    import torch
+
+    T = max(len(s.ids) for s in batch)
+    ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), T), -100, dtype=torch.long)
+    mask = torch.zeros((len(batch), T), dtype=torch.long)
+    for i, s in enumerate(batch):                   # right padding: causal positions never see it
+        ids[i, :len(s.ids)] = torch.tensor(s.ids)
+        labels[i, :len(s.ids)] = torch.tensor(s.labels)
+        mask[i, :len(s.ids)] = 1
+    return ids, labels, mask
+
+
+@dataclass
+class TrainReport:
+    steps: int
+    seconds: float
+    samples: int
+    users: list[str]
+    first_loss: float
+    last_loss: float
+    kinds: dict = field(default_factory=dict)
+
+
+def train_skill(out: str | os.PathLike, model: str | os.PathLike | None = None,
+                users: Sequence[str | os.PathLike] | None = None,
+                settings: SkillSettings | None = None, work_dir: str | os.PathLike | None = None,
+                peft_out: str | os.PathLike | None = None, threads: int | None = None,
+                progress: bool = True, log: Callable[[str], None] | None = None) -> TrainReport:
+    """Train the shared skill adapter on `model` (a MODEL_DIR; the default model by default) and
+    write it to `out` as a llama.cpp LoRA adapter GGUF (and as a PEFT directory to `peft_out`)."""
+    import torch
+    import torch.nn.functional as F
+
+    from engram_local import lora, memory
+    from engram_local.gguf_io import open_sidecar, scan_gguf
+    from engram_local.loader import attach_tables, load_model
+
+    settings = settings or SkillSettings()
+    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    if threads:
+        torch.set_num_threads(int(threads))
+    files = user_files(users)
+    out = Path(out)
+    if out.suffix != ".gguf":
+        raise ValueError(f"{out}: the adapter is written as a GGUF file; name it *.gguf")
+    random.seed(settings.seed)
+    np.random.seed(settings.seed)
+    torch.manual_seed(settings.seed)
+
+    em, tok, md = load_model(model, adapter=False)
+    if md is None:
+        raise ValueError(f"{model}: train-skill needs a MODEL_DIR (convert the checkpoint first)")
+    sidecar = open_sidecar(md.engram)
+    fingerprint = int(sidecar.fingerprint)
+    samples = build_samples(files, tok, settings)
+    if not samples:
+        raise ValueError("no training samples: the user files hold no facts")
+    kinds = {k: sum(s.kind == k for s in samples) for k in settings.kinds}
+    log(f"train-skill: {len(files)} users, {len(samples)} samples ({kinds}), rank {settings.rank}, "
+        f"{settings.steps} steps x {settings.batch}")
+
+    stacks = {}
+    if settings.rows:
+        wd = Path(work_dir) if work_dir else out.with_name(out.stem + ".rows")
+        for uid, eov in training_rows(em, tok, fingerprint, files, wd, log, settings.chat_rows).items():
+            stacks[uid] = memory.open_overrides([eov], fingerprint)
+
+    lora.add_lora(em.backbone, settings.rank, settings.alpha, settings.targets, seed=settings.seed)
+    params = lora.lora_parameters(em.backbone)
+    opt = torch.optim.Adam(params, lr=settings.lr)
+    total = settings.steps
+
+    def lr_at(step):
+        if step < settings.warmup:
+            return (step + 1) / settings.warmup
+        frac = (step - settings.warmup) / max(1, total - settings.warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * frac))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    em.train()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=total, desc="train-skill", unit="step", file=sys.stderr)
+    t0, losses, attached = time.time(), [], None
+    stream = _batches(samples, settings)
+    try:
+        for step in range(total):
+            uid, batch = next(stream)
+            if settings.rows and attached != uid:
+                attach_tables(em, sidecar, stacks.get(uid))
+                attached = uid
+            ids, labels, mask = _collate(batch, pad)
+            logits = em(ids, attention_mask=mask).logits                     # (B, T, V)
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                   labels[:, 1:].reshape(-1), ignore_index=-100)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+    finally:
+        if bar is not None:
+            bar.close()
+    em.eval()
+    seconds = time.time() - t0
+
+    extra = {"engram_local": {"settings": {k: (list(v) if isinstance(v, tuple) else v)
+                                           for k, v in asdict(settings).items()},
+                              "users": [p.stem for p in files], "steps": total}}
+    from engram_local.convert import adapter as adapter_io
+    from engram_local.convert import registry
+
+    tmp_dir = Path(peft_out) if peft_out else out.with_name(f".{out.stem}.{os.getpid()}.peft")
+    try:
+        lora.save_peft(em.backbone, tmp_dir, extra=extra)
+        header = scan_gguf(md.backbone)
+        arch = registry.for_gguf(header.architecture or "")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        adapter_io.write_lora_adapter(tmp_dir, arch, arch.config_from_gguf(header.fields), out)
+    finally:
+        if not peft_out:
+            import shutil
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+    k = max(1, min(20, len(losses) // 5))
+    return TrainReport(steps=total, seconds=seconds, samples=len(samples), users=[p.stem for p in files],
+                       first_loss=float(np.mean(losses[:k])), last_loss=float(np.mean(losses[-k:])),
+                       kinds=kinds)
