@@ -95,3 +95,63 @@ def write_lora_adapter(adapter_dir: Path, arch: BackboneArch, hf_config: dict, d
         writer.add_tensor(constants.TENSOR_LORA_A.format(base=base), np.ascontiguousarray(a, np.float32))
         writer.add_tensor(constants.TENSOR_LORA_B.format(base=base), np.ascontiguousarray(b, np.float32))
     write_gguf(writer, dest)
+
+
+def merge_lora_into_backbone(backbone: Path, adapter: Path, dest: Path, qtype: str | None = None) -> None:
+    """Write `dest`: the backbone GGUF with the LoRA adapter GGUF folded into its weights.
+
+    llama.cpp applies an adapter as four extra graph ops per adapted weight per token (two
+    small matmuls, a scale, an add): for the 90 q/k/v weights of the default model that is ~7 %
+    of decode time on one core. Folded in, decoding costs what the stock backbone costs. Each
+    adapted weight becomes W + alpha/r * B A in F16 (W dequantized from its stored type); every
+    other tensor and every metadata key is copied unchanged, so stock llama.cpp runs the file.
+    qtype: storage of the folded weights ("f16", "q8_0", ...). Default: Q8_0 for a quantized
+    weight, its own type for F16/F32. Measured on the default model (Q4_1 backbone, one core):
+    re-quantizing to Q4_1 moves greedy text ("The capital of France is" -> " Brest" instead of
+    " Paris"); F16 reads 23 MB more per token and decodes ~8 % slower; Q8_0 keeps the text and
+    the stock decode speed.
+    """
+    from engram_local.gguf_io import read_lora_adapter
+
+    lora = read_lora_adapter(adapter)
+    reader = gguf.GGUFReader(str(backbone))
+    arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
+    if lora.architecture != arch:
+        raise ValueError(f"{adapter}: adapter for {lora.architecture!r}, the backbone is {arch!r}")
+    writer = gguf.GGUFWriter(None, arch)
+    for field in reader.fields.values():
+        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
+    names = {t.name for t in reader.tensors}
+    missing = sorted(set(lora.tensors) - names)
+    if missing:
+        raise ValueError(f"{adapter}: adapts {missing[:3]}, which {backbone} does not have")
+    for t in reader.tensors:
+        if t.name in lora.tensors:
+            a, b = lora.tensors[t.name]
+            qtype_of = gguf.GGMLQuantizationType(t.tensor_type)
+            if qtype_of in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+                w = np.asarray(t.data, dtype=np.float32)
+            else:
+                w = gguf.quants.dequantize(t.data, qtype_of).astype(np.float32)
+            w = w.reshape(b.shape[0], a.shape[1])                   # (out, in), numpy order
+            w = w + lora.scale(t.name) * (b.astype(np.float64) @ a.astype(np.float64)).astype(np.float32)
+            if qtype:
+                out = gguf.GGMLQuantizationType[qtype.upper()]
+            elif qtype_of in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+                out = qtype_of
+            else:
+                out = gguf.GGMLQuantizationType.Q8_0
+            if out == gguf.GGMLQuantizationType.F16:
+                writer.add_tensor(t.name, w.astype(np.float16))
+            elif out == gguf.GGMLQuantizationType.F32:
+                writer.add_tensor(t.name, w)
+            else:
+                q = gguf.quants.quantize(w, out)                     # (out, bytes per row) uint8
+                writer.add_tensor(t.name, q, raw_shape=q.shape, raw_dtype=out)
+        else:
+            writer.add_tensor(t.name, t.data, raw_shape=t.data.shape, raw_dtype=t.tensor_type)
+    write_gguf(writer, dest)

@@ -21,7 +21,7 @@ import xxhash
 from engram_local import constants
 
 from . import registry
-from .adapter import write_lora_adapter
+from .adapter import merge_lora_into_backbone, write_lora_adapter
 from .sidecar import ENGRAM_WEIGHTS, write_sidecar
 
 Log = Callable[[str], None]
@@ -73,7 +73,8 @@ def source_digest(checkpoint_dir: Path, table_type: str, outtype: str | None) ->
     """xxh3_64 (hex) of what a conversion depends on: checkpoint files, options, format version,
     and a GGUF backbone's identity (path, size, mtime: a reinstalled package file is relinked)."""
     h = xxhash.xxh3_64()
-    h.update(json.dumps([constants.SIDECAR_FORMAT_VERSION, table_type, outtype]).encode())
+    h.update(json.dumps([constants.SIDECAR_FORMAT_VERSION, constants.MODEL_DIR_LAYOUT_VERSION, table_type,
+                         outtype]).encode())
     backbone = resolve_backbone(checkpoint_dir)
     if backbone.is_file():
         st = backbone.stat()
@@ -168,6 +169,9 @@ def convert_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *,
         if adapter_dir.is_dir():
             log(f"adapter:  {adapter_dir} -> {constants.MODEL_DIR_ADAPTER} (llama.cpp LoRA)")
             write_lora_adapter(adapter_dir, arch, hf_config, work / constants.MODEL_DIR_ADAPTER)
+            log(f"adapter:  folded into {constants.MODEL_DIR_SKILL_BACKBONE} (what `run` decodes with)")
+            merge_lora_into_backbone(backbone, work / constants.MODEL_DIR_ADAPTER,
+                                     work / constants.MODEL_DIR_SKILL_BACKBONE)
         else:
             log("adapter:  none")
         _replace_dir(work, out_dir)
@@ -192,6 +196,9 @@ def default_model_is_current(model_dir: Path, digest: str) -> bool:
     from engram_local.gguf_io import GGUFFormatError, scan_gguf
 
     if not (model_dir / constants.MODEL_DIR_BACKBONE).is_file():
+        return False
+    if ((model_dir / constants.MODEL_DIR_ADAPTER).is_file()
+            and not (model_dir / constants.MODEL_DIR_SKILL_BACKBONE).is_file()):
         return False
     try:
         header = scan_gguf(model_dir / constants.MODEL_DIR_ENGRAM)

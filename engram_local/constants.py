@@ -63,6 +63,9 @@ SIDECAR_ALIGNMENT = 4096
 MODEL_DIR_BACKBONE = "backbone.gguf"            # stock llama.cpp architecture + tokenizer
 MODEL_DIR_ENGRAM = "engram.gguf"                # Engram sidecar
 MODEL_DIR_ADAPTER = "adapter.gguf"              # skill adapter (llama.cpp LoRA), optional
+MODEL_DIR_SKILL_BACKBONE = "backbone-skill.gguf"  # the backbone with the adapter folded in (decode speed)
+MODEL_DIR_LAYOUT_VERSION = 2                    # what a MODEL_DIR holds (2: + backbone-skill.gguf);
+                                                # part of the default model's digest: a change rebuilds it
 # Engram checkpoint directory: the skill adapter, when present, as a PEFT LoRA directory.
 CHECKPOINT_ADAPTER_DIR = "adapter"
 DEFAULT_TABLE_TYPE = "f16"                      # `convert --table-type` default

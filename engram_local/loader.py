@@ -30,12 +30,13 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class ModelDir:
-    """The files of a MODEL_DIR (absolute paths; adapter None when absent)."""
+    """The files of a MODEL_DIR (absolute paths; adapter and skill_backbone None when absent)."""
 
     path: Path
     backbone: Path
     engram: Path
     adapter: Path | None
+    skill_backbone: Path | None = None      # backbone with the adapter folded in (llama.cpp)
 
     @classmethod
     def at(cls, path: str | os.PathLike) -> "ModelDir":
@@ -46,11 +47,14 @@ class ModelDir:
             raise FileNotFoundError(f"{path}: not a MODEL_DIR (missing {', '.join(missing)}; create one "
                                     "with `engram-local convert`)")
         adapter = path / constants.MODEL_DIR_ADAPTER
-        return cls(path, backbone, engram, adapter if adapter.is_file() else None)
+        merged = path / constants.MODEL_DIR_SKILL_BACKBONE
+        adapter = adapter if adapter.is_file() else None
+        return cls(path, backbone, engram, adapter, merged if adapter and merged.is_file() else None)
 
     def as_dict(self) -> dict:
         return {"model_dir": str(self.path), "backbone": str(self.backbone), "engram": str(self.engram),
-                "adapter": str(self.adapter) if self.adapter else None}
+                "adapter": str(self.adapter) if self.adapter else None,
+                "skill_backbone": str(self.skill_backbone) if self.skill_backbone else None}
 
 
 def is_model_dir(path: str | os.PathLike) -> bool:

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
 
 from engram_local.sampling import Sampler
 
@@ -274,11 +273,15 @@ class Session:
                                f"(pip install llama-cpp-python=={llama_backend.PINNED_LLAMA_CPP_PYTHON})")
             if device not in (None, "cpu"):
                 log(f"engram-local: --device {device} applies to the torch backend; llama.cpp uses -ngl")
-            if adapter is None:
-                adapter = self.model_dir.adapter if skill else None
+            backbone = self.model_dir.backbone
+            if adapter is None and skill and self.model_dir.adapter is not None:
+                if self.model_dir.skill_backbone is not None:     # adapter folded in: stock speed
+                    backbone = self.model_dir.skill_backbone
+                else:
+                    adapter = self.model_dir.adapter
             try:
                 self.backend = llama_backend.LlamaCppBackend(
-                    self.model_dir.backbone, sidecar=self.sidecar, overrides=stack, adapter=adapter,
+                    backbone, sidecar=self.sidecar, overrides=stack, adapter=adapter,
                     n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, kv_f32=kv_f32, log=log)
             except (FileNotFoundError, PermissionError, llama_backend.LlamaCppError) as exc:
                 raise RunError(str(exc)) from None

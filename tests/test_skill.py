@@ -176,3 +176,35 @@ def test_train_skill_writes_a_llama_cpp_adapter_that_matches_torch(md, users_dir
     train_skill(out2, model=md, users=[users_dir], settings=s, work_dir=tmp_path / "rows", threads=1,
                 progress=False, log=lambda m: None)
     assert out2.read_bytes() == out.read_bytes()
+
+
+def test_adapter_folded_into_the_backbone(tmp_path_factory, tmp_path):
+    """backbone-skill.gguf = the backbone with W + alpha/r B A: metadata and other tensors
+    unchanged, folded weights exact in F32 (the tiny backbone) and within Q8_0 rounding."""
+    import gguf
+
+    from engram_local.convert.adapter import merge_lora_into_backbone
+    from engram_local.gguf_io import read_lora_adapter
+
+    md = shared_model_dir(tmp_path_factory, "model", adapter=True)
+    assert (md / "backbone-skill.gguf").is_file()          # convert writes it beside adapter.gguf
+    base = gguf.GGUFReader(str(md / "backbone.gguf"))
+    ad = read_lora_adapter(md / "adapter.gguf")
+    for qtype, tol in ((None, 1e-6), ("q8_0", 0.02)):
+        out = tmp_path / f"skill-{qtype}.gguf"
+        merge_lora_into_backbone(md / "backbone.gguf", md / "adapter.gguf", out, qtype)
+        merged = gguf.GGUFReader(str(out))
+        assert [f for f in merged.fields if not f.startswith("GGUF.")] == \
+               [f for f in base.fields if not f.startswith("GGUF.")]
+        got = {t.name: t for t in merged.tensors}
+        assert list(got) == [t.name for t in base.tensors]
+        for t in base.tensors:
+            m = got[t.name]
+            if t.name not in ad.tensors:
+                assert bytes(m.data) == bytes(t.data)
+                continue
+            a, b = ad.tensors[t.name]
+            want = np.asarray(t.data, np.float32).reshape(b.shape[0], a.shape[1]) + ad.scale(t.name) * (b @ a)
+            have = (np.asarray(m.data, np.float32) if qtype is None else
+                    gguf.quants.dequantize(m.data, gguf.GGMLQuantizationType.Q8_0)).reshape(want.shape)
+            assert np.abs(have - want).max() <= tol * max(1.0, np.abs(want).max())
