@@ -230,9 +230,10 @@ def build_samples(files: Sequence[Path], tok, settings: SkillSettings) -> list[S
 # --------------------------------------------------------------------------- training users' rows
 
 def training_rows(em, tok, fingerprint: int, files: Sequence[Path], work_dir: Path,
-                  log: Callable[[str], None], chat: bool = False) -> dict[str, Path]:
-    """uid -> .eov with that training user's facts fitted on the frozen model `em` (with `chat`
-    also in chat form; cached in work_dir: a file whose ledger holds the same facts is reused)."""
+                  log: Callable[[str], None], chat: bool | None = None) -> dict[str, Path]:
+    """uid -> .eov with that user's facts fitted on the frozen model `em` (`chat`: also in chat
+    form; default: when `em` carries the skill adapter, as `remember` does). Cached in work_dir:
+    a file whose ledger holds the same facts is reused."""
     from engram_local.memory import remember, user_json_facts
     from engram_local.overrides import read_memory_file
 
