@@ -40,6 +40,7 @@ def convert(src, out_dir, table_type, outtype, force):
       backbone.gguf  the backbone, runnable by stock llama.cpp
       engram.gguf    the Engram sidecar: memory tables, projections, hash constants
       adapter.gguf   the skill adapter as a llama.cpp LoRA (when SRC has one)
+      backbone-skill.gguf  the backbone with the adapter folded in (what run decodes with)
     """
     from engram_local.convert import convert_checkpoint
     from engram_local.gguf_io import describe_sidecar, open_sidecar
