@@ -108,8 +108,9 @@ def merge_lora_into_backbone(backbone: Path, adapter: Path, dest: Path, qtype: s
     qtype: storage of the folded weights ("f16", "q8_0", ...). Default: Q8_0 for a quantized
     weight, its own type for F16/F32. Measured on the default model (Q4_1 backbone, one core):
     re-quantizing to Q4_1 moves greedy text ("The capital of France is" -> " Brest" instead of
-    " Paris"); F16 reads 23 MB more per token and decodes ~8 % slower; Q8_0 keeps the text and
-    the stock decode speed.
+    " Paris"); Q5_1 decodes at the plain backbone's speed but also moves greedy text away from
+    the torch backend; Q8_0 keeps the text but reads 7 MB more per token (~7 % slower on an idle
+    machine, like the LoRA path); F16 is slower still.
     """
     from engram_local.gguf_io import read_lora_adapter
 

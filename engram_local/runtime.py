@@ -275,7 +275,7 @@ class Session:
                 log(f"engram-local: --device {device} applies to the torch backend; llama.cpp uses -ngl")
             backbone = self.model_dir.backbone
             if adapter is None and skill and self.model_dir.adapter is not None:
-                if self.model_dir.skill_backbone is not None:     # adapter folded in: stock speed
+                if self.model_dir.skill_backbone is not None:     # adapter folded into q/k/v
                     backbone = self.model_dir.skill_backbone
                 else:
                     adapter = self.model_dir.adapter

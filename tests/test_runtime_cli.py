@@ -151,7 +151,8 @@ def test_repl_commands(md, tmp_path):
 
 def test_ctrl_c_during_generation_returns_to_the_prompt(md):
     proc = subprocess.Popen([sys.executable, "-m", "engram_local.cli", "run", "-m", str(md), "-n", "100000",
-                             "-c", "100000", "--temp", "1.0", "--seed", "1", "-t", "1", "--backend", "torch"],
+                             "-c", "100000", "--temp", "1.0", "--seed", "1", "-t", "1", "--backend", "torch",
+                             "--ignore-eos"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         proc.stdin.write(b"Hello world\n")

@@ -111,7 +111,7 @@ def run(model, overrides, prompt, prompt_file, prompts_jsonl, chat, n_predict, t
     status = 0
     try:
         if interactive:
-            _repl(session, sampler, n_predict, total)
+            _repl(session, sampler, n_predict, total, ignore_eos)
         elif jsonl_lines is not None:
             status = _jsonl(session, sampler, n_predict, jsonl_lines, prompts_jsonl, total, ignore_eos, chat)
         else:
@@ -200,7 +200,7 @@ def _jsonl(session, sampler, n_predict, lines, path, total, ignore_eos=False, ch
 
 # --------------------------------------------------------------------------- the chat REPL
 
-def _repl(session, sampler, n_predict, total) -> None:
+def _repl(session, sampler, n_predict, total, ignore_eos: bool = False) -> None:
     from engram_local.runtime import PromptTooLong, RunError
 
     try:
@@ -261,7 +261,8 @@ def _repl(session, sampler, n_predict, total) -> None:
             continue
         reply = ""
         try:
-            gen = session.generate(ids, n_predict, sampler, on_text=lambda s: (out.write(s), out.flush()))
+            gen = session.generate(ids, n_predict, sampler, on_text=lambda s: (out.write(s), out.flush()),
+                                   ignore_eos=ignore_eos)
             reply = gen.text
             total.add(gen.timings)
         except KeyboardInterrupt:
