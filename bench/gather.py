@@ -25,7 +25,7 @@ import gguf
 import numpy as np
 
 from engram_local import native
-from engram_local.table import open_table
+from engram_local.formats.table import open_table
 
 QTYPES = {"Q8_0": gguf.GGMLQuantizationType.Q8_0, "F16": gguf.GGMLQuantizationType.F16}
 

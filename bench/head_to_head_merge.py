@@ -11,7 +11,7 @@ the two cores, each with -t 1), so that a long run leaves every finished user on
         --report docs/head-to-head-results.md
 
 The merged table is what one `eval head-to-head --users u000.json ... u009.json` run writes
-(the same per-user results, aggregated by engram_local.headtohead.aggregate).
+(the same per-user results, aggregated by engram_local.eval.head_to_head.aggregate).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import json
 import sys
 from pathlib import Path
 
-from engram_local import report
-from engram_local.headtohead import aggregate
+from engram_local.eval import report
+from engram_local.eval.head_to_head import aggregate
 
 
 def main():

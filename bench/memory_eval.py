@@ -35,7 +35,7 @@ DATA = REPO.parent / "shared" / "data" / "user-as-engram"
 
 
 def load_set(spec: str):
-    from engram_local.memory import NewFact, prompt_from_sentence, user_json_facts
+    from engram_local.memory.facade import NewFact, prompt_from_sentence, user_json_facts
 
     name, k = spec.split(":")
     k = int(k)
@@ -64,25 +64,25 @@ class Model:
     """The model once, with user memory swapped in and out."""
 
     def __init__(self, model):
-        from engram_local.memory import load_model_for_memory
+        from engram_local.memory.facade import load_model_for_memory
 
         self.em, self.tok, self.fp = load_model_for_memory(model)
         self.sidecar = None
-        from engram_local.loader import ModelDir, resolve
+        from engram_local.runtime.loader import ModelDir, resolve
 
         target = resolve(model)
         if isinstance(target, ModelDir):
-            from engram_local.gguf_io import open_sidecar
+            from engram_local.formats.gguf_io import open_sidecar
 
             self.sidecar = open_sidecar(target.engram)
         self.desc = str(target.path if isinstance(target, ModelDir) else target)
 
     def use(self, files):
-        from engram_local.memory import attach_overrides, open_overrides
+        from engram_local.memory.facade import attach_overrides, open_overrides
 
         stacks = open_overrides(files, self.fp) if files else {}
         if self.sidecar is not None:
-            from engram_local.loader import attach_tables
+            from engram_local.runtime.loader import attach_tables
 
             attach_tables(self.em, self.sidecar, stacks)
         else:
@@ -97,7 +97,7 @@ def teacher_forced(m: Model, pairs, batch: int = 32):
     """Per (prompt, answer): (full answer is the greedy continuation, first token top-1)."""
     import torch
 
-    from engram_local.writer import answer_tokens
+    from engram_local.memory.writer import answer_tokens
 
     seqs = []
     for prompt, answer in pairs:
@@ -143,8 +143,8 @@ def written_hits(m: Model, path, text: str) -> int:
     """Look-ups of `text` (as scored: windows from the document start) that hit a written entry."""
     import torch
 
-    from engram_local.overrides import read_memory_file
-    from engram_local.perplexity import DOC_START_ID
+    from engram_local.formats.eov import read_memory_file
+    from engram_local.runtime.perplexity import DOC_START_ID
 
     mf = read_memory_file(path, m.fp)
     wl = m.em.cfg.write_layer
@@ -161,8 +161,8 @@ def written_hits(m: Model, path, text: str) -> int:
 
 
 def evaluate(m: Model, spec: str, text: str, method: str, workdir: Path, chat: bool = True) -> dict:
-    from engram_local import memory
-    from engram_local.perplexity import bits_per_byte
+    from engram_local.memory import facade as memory
+    from engram_local.runtime.perplexity import bits_per_byte
 
     facts, extra = load_set(spec)
     path = workdir / f"{spec.replace(':', '_')}.eov"

@@ -15,8 +15,8 @@ import json
 import time
 from pathlib import Path
 
-from engram_local.checkpoint import load_engram_model
-from engram_local.perplexity import bits_per_byte
+from engram_local.model.checkpoint import load_engram_model
+from engram_local.runtime.perplexity import bits_per_byte
 
 TEXTS = {"valid (in-domain)": "valid.txt", "ood (Python tutorial)": "ood.txt",
          "valid: Wikipedia (encyclopedic)": "valid_wikipedia.txt",

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from engram_local.backbone import load_hf_backbone
-from engram_local.canonical import build_canonical_map
-from engram_local.model import EngramConfig, EngramModel
-from engram_local.perplexity import bits_per_byte
-from engram_local.retrofit import RetrofitSettings, retrofit
+from engram_local.model.backbone import load_hf_backbone
+from engram_local.text.canonical import build_canonical_map
+from engram_local.model.engram import EngramConfig, EngramModel
+from engram_local.runtime.perplexity import bits_per_byte
+from engram_local.train.retrofit import RetrofitSettings, retrofit
 
 
 def main():

@@ -81,9 +81,9 @@ def synthetic_override_file(model_dir: Path, dest: Path, n_facts: int = 100) -> 
     import numpy as np
 
     from engram_local import native
-    from engram_local.gguf_io import open_sidecar
-    from engram_local.llama_backend import LlamaCppBackend
-    from engram_local.overrides import write_override_file
+    from engram_local.formats.gguf_io import open_sidecar
+    from engram_local.runtime.llama_backend import LlamaCppBackend
+    from engram_local.formats.eov import write_override_file
 
     sc = open_sidecar(model_dir / "engram.gguf")
     s = sc.settings
@@ -118,7 +118,7 @@ def synthetic_adapter_model_dir(model_dir: Path, work: Path, rank: int) -> Path:
     import numpy as np
 
     from engram_local import constants
-    from engram_local.gguf_io import scan_gguf
+    from engram_local.formats.gguf_io import scan_gguf
 
     out = work / "model-with-adapter"
     out.mkdir()
@@ -206,7 +206,7 @@ def main():
     ap.add_argument("--json", type=Path, default=None, help="also write all measurements here")
     a = ap.parse_args()
 
-    from engram_local import loader
+    from engram_local.runtime import loader
 
     md = loader.resolve(a.model)
     if not isinstance(md, loader.ModelDir):

@@ -17,11 +17,11 @@ import time
 from pathlib import Path
 
 from engram_local import constants
-from engram_local.checkpoint import DEFAULT_CHECKPOINT
+from engram_local.model.checkpoint import DEFAULT_CHECKPOINT
 from engram_local.convert import convert_checkpoint
-from engram_local.gguf_io import open_sidecar
-from engram_local.loader import load_model
-from engram_local.perplexity import bits_per_byte
+from engram_local.formats.gguf_io import open_sidecar
+from engram_local.runtime.loader import load_model
+from engram_local.runtime.perplexity import bits_per_byte
 
 TABLE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 

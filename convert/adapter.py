@@ -112,7 +112,7 @@ def merge_lora_into_backbone(backbone: Path, adapter: Path, dest: Path, qtype: s
     the torch backend; Q8_0 keeps the text but reads 7 MB more per token (~7 % slower on an idle
     machine, like the LoRA path); F16 is slower still.
     """
-    from engram_local.gguf_io import read_lora_adapter
+    from engram_local.formats.gguf_io import read_lora_adapter
 
     lora = read_lora_adapter(adapter)
     reader = gguf.GGUFReader(str(backbone))

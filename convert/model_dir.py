@@ -38,8 +38,8 @@ def resolve_backbone(checkpoint_dir: Path) -> Path:
     relative path is tried against the checkpoint directory, then the working directory. A
     checkpoint without checkpoint.json inside a Hugging Face directory uses that directory.
     """
-    from engram_local import checkpoint
-    from engram_local.backbone import default_backbone_gguf
+    from engram_local.model import checkpoint
+    from engram_local.model.backbone import default_backbone_gguf
 
     meta_file = checkpoint_dir / checkpoint.CHECKPOINT_META
     if not meta_file.is_file() and (checkpoint_dir / "config.json").is_file():
@@ -59,7 +59,7 @@ def resolve_backbone(checkpoint_dir: Path) -> Path:
 
 def checkpoint_files(checkpoint_dir: Path) -> list[Path]:
     """The files a conversion reads from a checkpoint directory (in a fixed order)."""
-    from engram_local import checkpoint
+    from engram_local.model import checkpoint
 
     names = ["engram_config.json", ENGRAM_WEIGHTS, checkpoint.CHECKPOINT_META]
     files = [checkpoint_dir / n for n in names if (checkpoint_dir / n).is_file()]
@@ -104,9 +104,9 @@ def convert_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *,
     outtype: storage of a Hugging Face backbone's weights (f32, f16, q8_0; default f16). A GGUF
     backbone is used as it is, so outtype must then be None.
     """
-    from engram_local import checkpoint
-    from engram_local.gguf_io import ArraySummary, scan_gguf
-    from engram_local.model import read_engram_config
+    from engram_local.model import checkpoint
+    from engram_local.formats.gguf_io import ArraySummary, scan_gguf
+    from engram_local.model.engram import read_engram_config
 
     src, out_dir = Path(src), Path(out_dir)
     if not checkpoint.is_checkpoint(src):
@@ -193,7 +193,7 @@ def _replace_dir(new: Path, dest: Path):
 
 def default_model_is_current(model_dir: Path, digest: str) -> bool:
     """Whether `model_dir` was built from exactly the current default sources."""
-    from engram_local.gguf_io import GGUFFormatError, scan_gguf
+    from engram_local.formats.gguf_io import GGUFFormatError, scan_gguf
 
     if not (model_dir / constants.MODEL_DIR_BACKBONE).is_file():
         return False
@@ -214,7 +214,7 @@ def ensure_default_model_dir(model_dir: Path, log: Log = _stderr) -> Path:
     committed in engram_local/data/default-engram (with its skill adapter, once it has one).
     The directory records a digest of those sources and is rebuilt when they change.
     """
-    from engram_local import checkpoint
+    from engram_local.model import checkpoint
 
     src = Path(checkpoint.DEFAULT_CHECKPOINT)
     if not checkpoint.is_checkpoint(src):

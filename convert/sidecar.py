@@ -33,7 +33,7 @@ def write_sidecar(checkpoint_dir: Path, dest: Path, *, table_type: str, backbone
     """
     from safetensors import safe_open
 
-    from engram_local.model import read_engram_config
+    from engram_local.model.engram import read_engram_config
 
     checkpoint_dir = Path(checkpoint_dir)
     if table_type not in constants.TABLE_QTYPES:
@@ -120,7 +120,7 @@ def write_sidecar(checkpoint_dir: Path, dest: Path, *, table_type: str, backbone
 
 def _patch_fingerprint(path: Path) -> int:
     """Validate the complete file, hash it and write the fingerprint into its header."""
-    from engram_local.gguf_io import open_sidecar
+    from engram_local.formats.gguf_io import open_sidecar
 
     sidecar = open_sidecar(path)
     try:

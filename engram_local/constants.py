@@ -6,6 +6,15 @@ Files engram-local writes:
 Keys are namespaced `engram.*` / `eov.*`; tensor names stay under 64 bytes (ggml's limit).
 """
 
+from pathlib import Path
+
+# --------------------------------------------------------------------------- shipped data
+# Files that ship inside the package (engram_local/data, engram_local/texts).
+PACKAGE_DIR = Path(__file__).resolve().parent
+DEFAULT_CHECKPOINT_DIR = PACKAGE_DIR / "data" / "default-engram"   # the default model's Engram + adapter
+SKILL_USERS_DIR = PACKAGE_DIR / "data" / "skill-users"              # the skill adapter's training users
+UNRELATED_TEXT = PACKAGE_DIR / "texts" / "unrelated-austen.txt"     # locality text of the evaluation
+
 # --------------------------------------------------------------------------- ggml types
 # ggml type ids as in gguf.GGMLQuantizationType (the native kernel uses the same numbers).
 QTYPE_F32 = 0

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engram_local.corpus import (  # noqa: E402
+from engram_local.train.corpus import (  # noqa: E402
     DEFAULT_CACHE_DIR, CorpusBuildError, build_corpus, summary_rows)
 
 

@@ -20,7 +20,7 @@ def with_overrides(em, stacks):
     """A context manager serving em's own tables through native Gatherers under `stacks`."""
     import contextlib
 
-    from engram_local.memory import attach_overrides
+    from engram_local.memory.facade import attach_overrides
 
     @contextlib.contextmanager
     def cm():

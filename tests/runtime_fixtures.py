@@ -53,10 +53,10 @@ def tiny_model_dir(root: Path, *, layer_ids=(1, 2), write_layer=2, n_layers=4, h
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from engram_local import checkpoint
-    from engram_local.canonical import build_canonical_map
+    from engram_local.model import checkpoint
+    from engram_local.text.canonical import build_canonical_map
     from engram_local.convert import convert_checkpoint
-    from engram_local.model import EngramConfig, EngramModel
+    from engram_local.model.engram import EngramConfig, EngramModel
 
     root = Path(root)
     hf = root / "hf"
@@ -120,10 +120,10 @@ def _write_peft_adapter(directory: Path, cfg) -> None:
 def synthetic_overrides(model_dir: Path, path: Path, prompt_ids: list[int], layer: int, *, scale=3.0,
                         seed=0, keyed=True) -> dict:
     """Write an .eov whose rows replace the rows `prompt_ids` hit at `layer`; returns the rows."""
-    from engram_local.gguf_io import open_sidecar
-    from engram_local.hashing import hash_ids
+    from engram_local.formats.gguf_io import open_sidecar
+    from engram_local.native.hashing import hash_ids
     from engram_local import native
-    from engram_local.overrides import write_override_file
+    from engram_local.formats.eov import write_override_file
 
     sc = open_sidecar(Path(model_dir) / "engram.gguf")
     cfg = sc.config

@@ -21,7 +21,7 @@ import torch
 from click.testing import CliRunner
 
 from engram_local import constants
-from engram_local.gguf_io import GGUFFormatError, open_sidecar, read_lora_adapter, scan_gguf
+from engram_local.formats.gguf_io import GGUFFormatError, open_sidecar, read_lora_adapter, scan_gguf
 
 CHAT_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
                  " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
@@ -69,10 +69,10 @@ def make_backbone_dir(path: Path, tie: bool = True, seed: int = 0) -> Path:
 
 def make_checkpoint(hf_dir: Path, path: Path, head_dim: int = 32, seed: int = 1) -> Path:
     """An Engram checkpoint on `hf_dir` with random tables, norms and conv (f16 tables)."""
-    from engram_local.backbone import load_hf_backbone
-    from engram_local.canonical import build_canonical_map
-    from engram_local.checkpoint import write_meta
-    from engram_local.model import EngramConfig, EngramModel
+    from engram_local.model.backbone import load_hf_backbone
+    from engram_local.text.canonical import build_canonical_map
+    from engram_local.model.checkpoint import write_meta
+    from engram_local.model.engram import EngramConfig, EngramModel
 
     backbone, tok = load_hf_backbone(hf_dir)
     cmap, n_canonical = build_canonical_map(tok)
@@ -95,7 +95,7 @@ def make_checkpoint(hf_dir: Path, path: Path, head_dim: int = 32, seed: int = 1)
 def make_adapter(hf_dir: Path, path: Path, seed: int = 3) -> Path:
     """A random PEFT LoRA (r=4, alpha=8) on every projection, saved as a PEFT directory."""
     peft = pytest.importorskip("peft")
-    from engram_local.backbone import load_hf_backbone
+    from engram_local.model.backbone import load_hf_backbone
 
     backbone, _ = load_hf_backbone(hf_dir)
     torch.manual_seed(seed)
@@ -113,7 +113,7 @@ def make_adapter(hf_dir: Path, path: Path, seed: int = 3) -> Path:
 def peft_logits(hf_dir: Path, adapter_dir: Path, ids: list[int]) -> np.ndarray:
     from peft import PeftModel
 
-    from engram_local.backbone import load_hf_backbone
+    from engram_local.model.backbone import load_hf_backbone
 
     backbone, _ = load_hf_backbone(hf_dir)
     model = PeftModel.from_pretrained(backbone, adapter_dir).eval()
@@ -156,8 +156,8 @@ def logits(em, ids: list[int], engram: bool = True) -> np.ndarray:
 # --------------------------------------------------------------------------- round trip
 
 def test_f32_round_trip_logits_equal_the_checkpoint(tiny):
-    from engram_local.checkpoint import load_engram_model
-    from engram_local.loader import load_model
+    from engram_local.model.checkpoint import load_engram_model
+    from engram_local.runtime.loader import load_model
 
     hf, ckpt, md = tiny
     ref, ref_tok = load_engram_model(ckpt)
@@ -173,8 +173,8 @@ def test_f32_round_trip_logits_equal_the_checkpoint(tiny):
 
 
 def test_untied_output_round_trips(tmp_path, home):
-    from engram_local.backbone import load_hf_backbone
-    from engram_local.loader import load_backbone
+    from engram_local.model.backbone import load_hf_backbone
+    from engram_local.runtime.loader import load_backbone
 
     hf = make_backbone_dir(tmp_path / "hf", tie=False, seed=5)
     ckpt = make_checkpoint(hf, tmp_path / "ckpt")
@@ -188,7 +188,7 @@ def test_untied_output_round_trips(tmp_path, home):
 
 
 def test_overrides_reach_the_memory_mapped_table(tiny):
-    from engram_local.loader import attach_tables, load_model
+    from engram_local.runtime.loader import attach_tables, load_model
     from engram_local.native import OverrideSet
 
     _, _, md = tiny
@@ -209,7 +209,7 @@ def test_overrides_reach_the_memory_mapped_table(tiny):
 # --------------------------------------------------------------------------- sidecar contents
 
 def test_sidecar_tensors_have_the_shapes_the_hash_layout_implies(tiny):
-    from engram_local.model import read_engram_config
+    from engram_local.model.engram import read_engram_config
 
     _, ckpt, md = tiny
     cfg = read_engram_config(ckpt)
@@ -270,7 +270,7 @@ def test_fingerprint_is_deterministic_and_covers_the_table(tiny, tmp_path):
 
 @pytest.mark.parametrize("table_type,atol", [("f16", 0.0), ("bf16", 1e-2), ("q8_0", 2e-2), ("q4_0", 0.2)])
 def test_table_types_store_what_they_say(tiny, tmp_path, table_type, atol):
-    from engram_local.loader import load_model
+    from engram_local.runtime.loader import load_model
     from engram_local.native import Gatherer
 
     _, ckpt, md = tiny
@@ -295,7 +295,7 @@ def test_table_types_store_what_they_say(tiny, tmp_path, table_type, atol):
 
 def test_adapter_is_written_and_merged_like_peft(tmp_path, home):
     """Also: every file of a full MODEL_DIR opens with gguf-dump."""
-    from engram_local.loader import load_model
+    from engram_local.runtime.loader import load_model
 
     hf = make_backbone_dir(tmp_path / "hf", seed=7)
     ckpt = make_checkpoint(hf, tmp_path / "ckpt")
@@ -380,7 +380,7 @@ def test_wrong_layout_in_a_sidecar_is_refused(tiny, tmp_path):
 
 def test_loader_and_cli_report_bad_model_dirs(tiny, tmp_path):
     from engram_local.cli import main
-    from engram_local.loader import load_model
+    from engram_local.runtime.loader import load_model
 
     _, ckpt, md = tiny
     broken = tmp_path / "broken"
@@ -437,7 +437,7 @@ def test_cli_convert_inspect_and_perplexity(tiny, tmp_path):
 
 def test_eov_files_are_described(tiny, tmp_path):
     from engram_local.cli import main
-    from engram_local.overrides import LedgerFact, write_memory_file
+    from engram_local.formats.eov import LedgerFact, write_memory_file
 
     _, _, md = tiny
     fingerprint = open_sidecar(md / constants.MODEL_DIR_ENGRAM).fingerprint
@@ -475,7 +475,7 @@ def test_convert_refuses_what_it_cannot_do(tiny, tmp_path):
 
 
 def test_default_model_dir_is_built_once_and_refreshed(tiny, tmp_path, monkeypatch):
-    from engram_local import checkpoint
+    from engram_local.model import checkpoint
     from engram_local.cli import main
 
     _, ckpt, _ = tiny
@@ -506,7 +506,7 @@ def test_default_model_dir_is_built_once_and_refreshed(tiny, tmp_path, monkeypat
 
 
 def test_missing_default_weights_are_reported(monkeypatch, tmp_path):
-    from engram_local import checkpoint
+    from engram_local.model import checkpoint
     from engram_local.cli import main
 
     monkeypatch.setattr(checkpoint, "DEFAULT_CHECKPOINT", tmp_path / "nothing")

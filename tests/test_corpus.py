@@ -1,4 +1,4 @@
-"""Tests of engram_local.corpus.  The fast ones use small in-memory text and download nothing;
+"""Tests of engram_local.train.corpus.  The fast ones use small in-memory text and download nothing;
 the one that builds the real corpus (apt-get / pip downloads) is marked slow."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from engram_local import corpus as C
-from engram_local import corpus_text as T
+from engram_local.train import corpus as C
+from engram_local.train import corpus_text as T
 
 
 # --------------------------------------------------------------------------- cleaning

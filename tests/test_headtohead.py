@@ -14,9 +14,9 @@ pytest.importorskip("llama_cpp")
 
 from click.testing import CliRunner  # noqa: E402
 
-from engram_local import report  # noqa: E402
+from engram_local.eval import report
 from engram_local.cli import main  # noqa: E402
-from engram_local.headtohead import (CONDITIONS, HeadToHead, HeadToHeadError, Settings,  # noqa: E402
+from engram_local.eval.head_to_head import (CONDITIONS, HeadToHead, HeadToHeadError, Settings,  # noqa: E402
                                      head_to_head)
 from tests.runtime_fixtures import shared_model_dir  # noqa: E402
 
@@ -52,7 +52,7 @@ def tiny_embedder():
     import torch
     from transformers import BertConfig, BertModel
 
-    from engram_local.retrieval import Embedder
+    from engram_local.eval.retrieval import Embedder
     from tests.tiny import tiny_tokenizer
 
     tok = tiny_tokenizer()
@@ -145,7 +145,7 @@ def test_condition_costs(full):
 def test_prompt_baselines_put_the_facts_in_the_prompt(md, users):
     """G's prompts carry every fact sentence; H's the top-k; A's none (checked through the
     context token count of one probe against a hand-made prompt)."""
-    from engram_local.runtime import Session
+    from engram_local.runtime.session import Session
 
     full = head_to_head([users / "t001.json"], model=md, settings=quick("GH", top_k=1, bpb=False),
                         embedder=tiny_embedder(), progress=False)
@@ -185,7 +185,7 @@ def test_shared_adapter_conditions_need_an_adapter(md_no_adapter, users):
 
 
 def test_retrieval_without_the_embedding_package_says_how_to_install(monkeypatch):
-    from engram_local import retrieval
+    from engram_local.eval import retrieval
 
     monkeypatch.setattr(retrieval.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(retrieval.RetrievalUnavailable) as exc:
@@ -194,7 +194,7 @@ def test_retrieval_without_the_embedding_package_says_how_to_install(monkeypatch
 
 
 def test_retriever_ranks_by_cosine():
-    from engram_local.retrieval import Retriever
+    from engram_local.eval.retrieval import Retriever
 
     docs = ["the doctor is krause", "my name is w40", "cafe b c", "w50 w51 w52"]
     r = Retriever(tiny_embedder(), docs)
@@ -264,11 +264,11 @@ def test_report_formats_every_condition():
 # --------------------------------------------------------------------------- pieces
 
 def test_user_lora_trains_saves_and_caches(md, tmp_path):
-    from engram_local import lora
-    from engram_local.gguf_io import read_lora_adapter
-    from engram_local.loader import load_model
-    from engram_local.memory import user_json_facts
-    from engram_local.user_lora import UserLoRASettings, user_lora
+    from engram_local.model import lora
+    from engram_local.formats.gguf_io import read_lora_adapter
+    from engram_local.runtime.loader import load_model
+    from engram_local.memory.facade import user_json_facts
+    from engram_local.eval.user_lora import UserLoRASettings, user_lora
 
     em, tok, model_dir = load_model(md, adapter=False)
     facts = user_json_facts(write_user(tmp_path, "t009"))
@@ -288,7 +288,7 @@ def test_user_lora_trains_saves_and_caches(md, tmp_path):
 
 def test_session_with_an_explicit_adapter(md):
     """Session(adapter=FILE) runs that adapter: the MODEL_DIR's own gives the skill=True model."""
-    from engram_local.runtime import Session
+    from engram_local.runtime.session import Session
 
     logits = {}
     for name, kw in (("own", {"skill": True}), ("none", {"skill": False}),
@@ -312,7 +312,7 @@ def test_real_model_rows_and_prompt_baselines(tmp_path):
     """The default model on a shipped user: rows recall the facts, G/H add context tokens."""
     import importlib.util
 
-    from engram_local.skill import DEFAULT_USERS_DIR
+    from engram_local.train.skill import DEFAULT_USERS_DIR
 
     if not (DEFAULT_USERS_DIR / "u020.json").is_file():
         pytest.skip("the shipped skill-training users are not installed")

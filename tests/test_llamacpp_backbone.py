@@ -23,7 +23,7 @@ llama_cpp = pytest.importorskip("llama_cpp")
 
 
 def _user_data_home() -> Path:
-    from engram_local.backbone import data_home
+    from engram_local.model.backbone import data_home
 
     return data_home()
 
@@ -51,7 +51,7 @@ def tiny(tmp_path_factory, home):
 
 
 def torch_logits(hf: Path, ids: list[int]) -> np.ndarray:
-    from engram_local.backbone import load_hf_backbone
+    from engram_local.model.backbone import load_hf_backbone
 
     model, _ = load_hf_backbone(hf)
     with torch.no_grad():
@@ -134,7 +134,7 @@ def test_stock_llama_cpp_applies_the_adapter(tiny, tmp_path):
 @pytest.fixture(scope="module")
 def smollm2_home(tmp_path_factory):
     """A private data home that shares the user's cached fp32 SmolLM2 copy (no 30 s rebuild)."""
-    from engram_local.backbone import default_backbone_gguf
+    from engram_local.model.backbone import default_backbone_gguf
 
     try:
         default_backbone_gguf()
@@ -155,12 +155,12 @@ def test_default_model_end_to_end(smollm2_home, tmp_path, monkeypatch):
 
     A random-table Engram on SmolLM2 stands in for the committed default weights.
     """
-    from engram_local import checkpoint
-    from engram_local.backbone import load_hf_backbone
-    from engram_local.canonical import build_canonical_map
+    from engram_local.model import checkpoint
+    from engram_local.model.backbone import load_hf_backbone
+    from engram_local.text.canonical import build_canonical_map
     from engram_local.cli import main
-    from engram_local.loader import load_model
-    from engram_local.model import EngramConfig, EngramModel
+    from engram_local.runtime.loader import load_model
+    from engram_local.model.engram import EngramConfig, EngramModel
 
     backbone, tok = load_hf_backbone()
     cmap, n_canonical = build_canonical_map(tok)
@@ -203,7 +203,7 @@ def test_default_model_end_to_end(smollm2_home, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_smollm2_hf_directory_converts_for_llama_cpp(smollm2_home, tmp_path):
     """The HF llama writer on a real 30-layer model: llama.cpp tokenizes and scores like torch."""
-    from engram_local.backbone import data_home, default_backbone_gguf, load_hf_backbone
+    from engram_local.model.backbone import data_home, default_backbone_gguf, load_hf_backbone
     from engram_local.convert import for_hf_config
 
     load_hf_backbone()                                   # makes sure the cached HF copy exists

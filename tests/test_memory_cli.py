@@ -7,7 +7,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from engram_local import memory
+from engram_local.memory import facade as memory
 from engram_local.cli import main
 from tests.memory_fixtures import tiny_memory_model
 

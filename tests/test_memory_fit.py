@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from engram_local import memory
-from engram_local.memory import NewFact, open_overrides
+from engram_local.memory import facade as memory
+from engram_local.memory.facade import NewFact, open_overrides
 from engram_local.native import OverrideSet
-from engram_local.overrides import MemoryFileError, read_memory_file
-from engram_local.writer import FactIn, FitSettings, Fitter
+from engram_local.formats.eov import MemoryFileError, read_memory_file
+from engram_local.memory.writer import FactIn, FitSettings, Fitter
 from tests.memory_fixtures import greedy_text, logits, tiny_memory_model
 
 FACTS = [NewFact("my name is", "krause", id="name"),

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from engram_local import constants
-from engram_local.overrides import (LedgerFact, MemoryFileError, locked, open_override_file,
+from engram_local.formats.eov import (LedgerFact, MemoryFileError, locked, open_override_file,
                                     read_memory_file, write_memory_file)
 
 
@@ -117,7 +117,7 @@ def test_writer_killed_mid_write_leaves_previous_file_intact(tmp_path):
         import os, signal
         import numpy as np
         import gguf
-        from engram_local.overrides import write_memory_file, LedgerFact
+        from engram_local.formats.eov import write_memory_file, LedgerFact
         real = gguf.GGUFWriter.write_tensors_to_file
         def dying(self, *a, **k):
             self.fout[0].write(b"half of it")

@@ -11,7 +11,7 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "user-as-engram
 
 @pytest.fixture(scope="module")
 def default_model():
-    from engram_local import memory
+    from engram_local.memory import facade as memory
 
     try:
         return memory.load_model_for_memory(None)
@@ -23,11 +23,11 @@ def default_model():
 def test_u000_recall_locality_forget(default_model, tmp_path):
     import torch
 
-    from engram_local import memory
-    from engram_local.loader import attach_tables, default_model_dir
-    from engram_local.gguf_io import open_sidecar
-    from engram_local.perplexity import bits_per_byte
-    from engram_local.writer import answer_tokens
+    from engram_local.memory import facade as memory
+    from engram_local.runtime.loader import attach_tables, default_model_dir
+    from engram_local.formats.gguf_io import open_sidecar
+    from engram_local.runtime.perplexity import bits_per_byte
+    from engram_local.memory.writer import answer_tokens
 
     em, tok, fp = default_model
     facts = memory.user_json_facts(DATA / "users" / "u000.json")[:12]

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from engram_local.memory import (FactInputError, jsonl_facts, prompt_from_sentence, split_statement,
+from engram_local.memory.facade import (FactInputError, jsonl_facts, prompt_from_sentence, split_statement,
                                  user_json_facts)
 
 USERS = Path(__file__).resolve().parents[2] / "shared" / "data" / "user-as-engram" / "users"

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from engram_local.canonical import build_canonical_map, normalize
-from engram_local.hashing import hash_ids
-from engram_local.model import EngramLayer
-from engram_local.reference import hash_layer_ref
+from engram_local.text.canonical import build_canonical_map, normalize
+from engram_local.native.hashing import hash_ids
+from engram_local.model.engram import EngramLayer
+from engram_local.native.reference import hash_layer_ref
 from tests.tiny import tiny_engram, tiny_tokenizer
 
 
@@ -138,7 +138,7 @@ def test_write_layer_must_be_an_engram_layer():
 def test_qwen2_backbone_attaches_too():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from engram_local.model import EngramConfig, EngramModel
+    from engram_local.model.engram import EngramConfig, EngramModel
 
     torch.manual_seed(0)
     bb = Qwen2ForCausalLM(Qwen2Config(vocab_size=120, hidden_size=64, intermediate_size=128,

@@ -5,7 +5,7 @@ import pytest
 
 from engram_local import constants, native
 from engram_local.native import Gatherer, KernelError, OverrideSet, Table
-from engram_local.reference import (canonicalize_ref, dequantize_ref, gather_ref, hash_layer_ref,
+from engram_local.native.reference import (canonicalize_ref, dequantize_ref, gather_ref, hash_layer_ref,
                                     make_hash_constants, random_table_bytes)
 
 QTYPES = [constants.QTYPE_F32, constants.QTYPE_F16, constants.QTYPE_BF16,

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from engram_local import constants, native
 from engram_local.native import Gatherer, KernelError, OverrideSet, Table
-from engram_local.reference import (canonicalize_ref, dequantize_ref, gather_ref, hash_layer_ref,
+from engram_local.native.reference import (canonicalize_ref, dequantize_ref, gather_ref, hash_layer_ref,
                                     make_hash_constants)
 
 FAST = settings(max_examples=60, deadline=None)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engram_local.retrofit import RetrofitSettings, batch_starts, retrofit
+from engram_local.train.retrofit import RetrofitSettings, batch_starts, retrofit
 from tests.tiny import tiny_engram, tiny_tokenizer
 
 

@@ -115,7 +115,7 @@ def test_bad_inputs_fail_with_clear_messages(md, tmp_path):
 
 
 def test_override_for_another_model_is_refused(md, tmp_path):
-    from engram_local.overrides import write_override_file
+    from engram_local.formats.eov import write_override_file
     import numpy as np
 
     bad = tmp_path / "bad.eov"
@@ -125,8 +125,8 @@ def test_override_for_another_model_is_refused(md, tmp_path):
 
 
 def test_overrides_flag_changes_the_completion(md, tmp_path):
-    from engram_local.gguf_io import open_sidecar
-    from engram_local.llama_backend import LlamaCppBackend
+    from engram_local.formats.gguf_io import open_sidecar
+    from engram_local.runtime.llama_backend import LlamaCppBackend
 
     be = LlamaCppBackend(md / "backbone.gguf", n_ctx=64, n_threads=1)
     ids = be.tokenize(PROMPT)
@@ -197,8 +197,8 @@ def test_reloading_overrides_equals_opening_them(md, tmp_path):
     """Swapping a user's memory into a running session (after /remember) = starting with it."""
     import numpy as np
 
-    from engram_local.gguf_io import open_sidecar
-    from engram_local.runtime import Session
+    from engram_local.formats.gguf_io import open_sidecar
+    from engram_local.runtime.session import Session
 
     eov = tmp_path / "later.eov"
     for backend in ("llama.cpp", "torch"):

@@ -23,7 +23,7 @@ MAX_LOGIT_DIFF = 3.0
 
 @pytest.fixture(scope="module")
 def sessions():
-    from engram_local.runtime import RunError, Session
+    from engram_local.runtime.session import RunError, Session
 
     try:
         lb = Session(None, backend="llama.cpp", n_ctx=256, n_threads=2)
@@ -54,7 +54,7 @@ def test_backends_agree_on_clear_greedy_decisions(sessions, prompt):
 
 
 def test_the_capital_of_france(sessions):
-    from engram_local.sampling import Sampler
+    from engram_local.runtime.sampling import Sampler
 
     lb, tb = sessions
     outs = []

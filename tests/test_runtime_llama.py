@@ -15,10 +15,10 @@ import pytest
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
-from engram_local import llama_backend  # noqa: E402
-from engram_local.gguf_io import open_sidecar  # noqa: E402
-from engram_local.runtime import RunError, Session  # noqa: E402
-from engram_local.sampling import Sampler  # noqa: E402
+from engram_local.runtime import llama_backend
+from engram_local.formats.gguf_io import open_sidecar  # noqa: E402
+from engram_local.runtime.session import RunError, Session  # noqa: E402
+from engram_local.runtime.sampling import Sampler  # noqa: E402
 from tests.runtime_fixtures import shared_model_dir, synthetic_overrides  # noqa: E402
 
 TEXT = "The capital of France is Paris. My doctor is Dr. Krause and my usual coffee order is"
@@ -186,7 +186,7 @@ def test_stacked_override_files_later_wins(md, tmp_path):
 
 
 def test_override_file_of_another_model_is_refused(md, tmp_path):
-    from engram_local.overrides import write_override_file
+    from engram_local.formats.eov import write_override_file
 
     bad = tmp_path / "other.eov"
     write_override_file(bad, {1: (np.array([1]), None, np.zeros((1, 8), np.float16))}, 12345)
@@ -229,7 +229,7 @@ def test_engram_off_is_the_plain_backbone(md):
 def test_prompt_longer_than_context_is_an_error(md):
     s = Session(md, backend="llama.cpp", n_ctx=16, n_threads=1)
     ids = s.tokenize(TEXT * 3)
-    from engram_local.runtime import PromptTooLong
+    from engram_local.runtime.session import PromptTooLong
 
     with pytest.raises(PromptTooLong, match="context holds 16"):
         s.generate(ids, 4, Sampler(temp=0))

@@ -1,11 +1,11 @@
-"""The head-to-head scorers (engram_local.scoring) and the pure parts of the harness."""
+"""The head-to-head scorers (engram_local.eval.scoring) and the pure parts of the harness."""
 
 from __future__ import annotations
 
 import pytest
 
-from engram_local import scoring
-from engram_local.headtohead import HeadToHeadError, aggregate, parse_conditions
+from engram_local.eval import scoring
+from engram_local.eval.head_to_head import HeadToHeadError, aggregate, parse_conditions
 
 
 def byte_tokenize(text: str) -> list[int]:

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from engram_local import lora
-from engram_local.memory import NewFact
-from engram_local.skill import SkillSettings, Tokens, build_samples, recitations, train_skill, user_files
+from engram_local.model import lora
+from engram_local.memory.facade import NewFact
+from engram_local.train.skill import SkillSettings, Tokens, build_samples, recitations, train_skill, user_files
 from tests.runtime_fixtures import shared_model_dir
 from tests.tiny import tiny_backbone
 
@@ -107,7 +107,7 @@ def md(tmp_path_factory) -> Path:
 
 
 def test_samples_put_the_loss_on_the_reply_only(md, users_dir):
-    from engram_local.loader import load_model
+    from engram_local.runtime.loader import load_model
 
     _, tok, _ = load_model(md)
     s = SkillSettings()
@@ -141,8 +141,8 @@ def test_user_files_errors(tmp_path):
 
 def test_train_skill_writes_a_llama_cpp_adapter_that_matches_torch(md, users_dir, tmp_path):
     pytest.importorskip("llama_cpp")
-    from engram_local.gguf_io import read_lora_adapter
-    from engram_local.runtime import Session
+    from engram_local.formats.gguf_io import read_lora_adapter
+    from engram_local.runtime.session import Session
 
     s = SkillSettings(steps=4, batch=3, lr=5e-3)
     out = tmp_path / "skill.gguf"
@@ -184,7 +184,7 @@ def test_adapter_folded_into_the_backbone(tmp_path_factory, tmp_path):
     import gguf
 
     from engram_local.convert.adapter import merge_lora_into_backbone
-    from engram_local.gguf_io import read_lora_adapter
+    from engram_local.formats.gguf_io import read_lora_adapter
 
     md = shared_model_dir(tmp_path_factory, "model", adapter=True)
     assert (md / "backbone-skill.gguf").is_file()          # convert writes it beside adapter.gguf

@@ -9,9 +9,9 @@ import pytest
 
 from engram_local import constants
 from engram_local.native import Gatherer
-from engram_local.overrides import open_override_file, write_override_file
-from engram_local.reference import dequantize_ref, gather_ref
-from engram_local.table import open_table, tensor_bytes
+from engram_local.formats.eov import open_override_file, write_override_file
+from engram_local.native.reference import dequantize_ref, gather_ref
+from engram_local.formats.table import open_table, tensor_bytes
 
 QTYPES = [constants.QTYPE_F32, constants.QTYPE_F16, constants.QTYPE_BF16,
           constants.QTYPE_Q8_0, constants.QTYPE_Q4_0]

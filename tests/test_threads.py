@@ -6,7 +6,7 @@ import numpy as np
 
 from engram_local import constants, native
 from engram_local.native import Gatherer, OverrideSet, Table
-from engram_local.reference import make_hash_constants, random_table_bytes
+from engram_local.native.reference import make_hash_constants, random_table_bytes
 
 N_THREADS = 4
 ROUNDS = 25

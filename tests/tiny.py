@@ -39,7 +39,7 @@ def tiny_engram(layer_ids=(1, 2), write_layer=2, table_size=50, seed=0, random_t
     """(EngramModel, canonical map) on a tiny backbone; tables zero unless random_tables."""
     import torch
 
-    from engram_local.model import EngramConfig, EngramModel
+    from engram_local.model.engram import EngramConfig, EngramModel
 
     bb = tiny_backbone(seed=seed)
     vocab = bb.config.vocab_size

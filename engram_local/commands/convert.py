@@ -43,8 +43,8 @@ def convert(src, out_dir, table_type, outtype, force):
       backbone-skill.gguf  the backbone with the adapter folded in (what run decodes with)
     """
     from engram_local.convert import convert_checkpoint
-    from engram_local.gguf_io import describe_sidecar, open_sidecar
-    from engram_local.loader import ModelDir
+    from engram_local.formats.gguf_io import describe_sidecar, open_sidecar
+    from engram_local.runtime.loader import ModelDir
 
     try:
         out = convert_checkpoint(src, out_dir, table_type=table_type, outtype=outtype, force=force,
@@ -81,9 +81,9 @@ def inspect(path, as_json, verify):
 
 
 def _inspect(path: str | None, verify: bool) -> dict:
-    from engram_local import gguf_io
-    from engram_local.checkpoint import is_checkpoint
-    from engram_local.loader import ModelDir, ensure_default_model, is_model_dir
+    from engram_local.formats import gguf_io
+    from engram_local.model.checkpoint import is_checkpoint
+    from engram_local.runtime.loader import ModelDir, ensure_default_model, is_model_dir
 
     def sidecar_info(file: Path) -> dict:
         sidecar = gguf_io.open_sidecar(file)

@@ -84,9 +84,9 @@ def head_to_head(model, users, more_users, conditions, json_out, report_out, plo
       engram-local eval head-to-head --users users/ --json h2h.json --report h2h.md --work-dir h2h-work
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "passive")    # shared cores: no busy-waiting threads
-    from engram_local import report
-    from engram_local.headtohead import HeadToHeadError, Settings, head_to_head as run_h2h, parse_conditions
-    from engram_local.retrieval import RetrievalUnavailable
+    from engram_local.eval import report
+    from engram_local.eval.head_to_head import HeadToHeadError, Settings, head_to_head as run_h2h, parse_conditions
+    from engram_local.eval.retrieval import RetrievalUnavailable
 
     paths = list(users) + list(more_users)
     if not paths:

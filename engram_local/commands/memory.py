@@ -15,7 +15,7 @@ STATEMENT_RULE = ("A STATEMENT is split after its last linking word (is, are, wa
 
 
 def _load(model):
-    from engram_local import memory
+    from engram_local.memory import facade as memory
 
     try:
         return memory.load_model_for_memory(model)
@@ -66,7 +66,7 @@ def remember(model, out_file, statements, prompts, answers, jsonl, user_json, pa
     continues the prompt with the answer; other text is unaffected. Adding facts to an existing
     file refits only the rows the new facts touch.
     """
-    from engram_local import memory
+    from engram_local.memory import facade as memory
 
     if len(prompts) != len(answers):
         raise click.UsageError(f"--prompt given {len(prompts)} times but --answer {len(answers)} times; "
@@ -89,7 +89,7 @@ def remember(model, out_file, statements, prompts, answers, jsonl, user_json, pa
         import torch
         torch.set_num_threads(threads)
     em, tok, fingerprint = _load(model)
-    from engram_local.writer import FitSettings
+    from engram_local.memory.writer import FitSettings
 
     settings = FitSettings()
     if max_steps is not None:
@@ -113,7 +113,7 @@ def remember(model, out_file, statements, prompts, answers, jsonl, user_json, pa
 @click.option("--json", "as_json", is_flag=True, help='Print {"facts": [...]} as JSON.')
 def facts(file, as_json):
     """List the facts of a user memory file (id, prompt, answer, rows)."""
-    from engram_local.overrides import read_memory_file
+    from engram_local.formats.eov import read_memory_file
 
     try:
         mf = read_memory_file(file)
@@ -148,8 +148,8 @@ def forget(model, file, fact_ids, quiet):
     The facts' text and every row only they used leave the file (it is rewritten whole);
     rows they shared with other facts are refitted so those keep their recall.
     """
-    from engram_local import memory
-    from engram_local.overrides import read_memory_file
+    from engram_local.memory import facade as memory
+    from engram_local.formats.eov import read_memory_file
 
     try:
         mf = read_memory_file(file)

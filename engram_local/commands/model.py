@@ -26,8 +26,8 @@ def perplexity(model, overrides, text_file, no_engram, as_json, logprobs_out, wi
 
     Lower is better. Compare with --no-engram to see what the memory contributes.
     """
-    from engram_local.loader import load_model
-    from engram_local.perplexity import bits_per_byte
+    from engram_local.runtime.loader import load_model
+    from engram_local.runtime.perplexity import bits_per_byte
 
     try:
         text = Path(text_file).read_text(encoding="utf-8")
@@ -38,7 +38,7 @@ def perplexity(model, overrides, text_file, no_engram, as_json, logprobs_out, wi
     try:
         stacks = None
         if overrides:
-            from engram_local.memory import open_overrides_for_model
+            from engram_local.memory.facade import open_overrides_for_model
             stacks = open_overrides_for_model(overrides, model)
         em, tok, _ = load_model(model, stacks)
     except (ValueError, FileNotFoundError) as e:
@@ -86,11 +86,11 @@ def retrofit(corpus, out_dir, backbone, layers, write_layer, table_size, head_di
     """
     import torch
 
-    from engram_local.backbone import load_hf_backbone
-    from engram_local.canonical import build_canonical_map
-    from engram_local.model import EngramConfig, EngramModel
-    from engram_local.retrofit import STATE_FILE, RetrofitSettings
-    from engram_local.retrofit import retrofit as run_retrofit
+    from engram_local.model.backbone import load_hf_backbone
+    from engram_local.text.canonical import build_canonical_map
+    from engram_local.model.engram import EngramConfig, EngramModel
+    from engram_local.train.retrofit import STATE_FILE, RetrofitSettings
+    from engram_local.train.retrofit import retrofit as run_retrofit
 
     if threads:
         torch.set_num_threads(threads)

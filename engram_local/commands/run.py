@@ -91,8 +91,8 @@ def run(model, overrides, prompt, prompt_file, prompts_jsonl, chat, n_predict, t
     if n_gpu_layers and backend == "torch":
         _err("engram-local: -ngl applies to the llama.cpp backend; ignored with --backend torch")
 
-    from engram_local.runtime import PromptTooLong, RunError, Session, Timings
-    from engram_local.sampling import Sampler
+    from engram_local.runtime.session import PromptTooLong, RunError, Session, Timings
+    from engram_local.runtime.sampling import Sampler
 
     try:
         sampler = Sampler(temp=temp, top_p=top_p, seed=seed)
@@ -158,7 +158,7 @@ def _read_text(path: str, what: str) -> str:
 
 
 def _jsonl(session, sampler, n_predict, lines, path, total, ignore_eos=False, chat_default=False) -> int:
-    from engram_local.runtime import RunError
+    from engram_local.runtime.session import RunError
 
     bad = 0
     for lineno, line in enumerate(lines, 1):
@@ -201,7 +201,7 @@ def _jsonl(session, sampler, n_predict, lines, path, total, ignore_eos=False, ch
 # --------------------------------------------------------------------------- the chat REPL
 
 def _repl(session, sampler, n_predict, total, ignore_eos: bool = False) -> None:
-    from engram_local.runtime import PromptTooLong, RunError
+    from engram_local.runtime.session import PromptTooLong, RunError
 
     try:
         import readline  # noqa: F401  (line editing and history for input())
@@ -288,7 +288,7 @@ def _partial(session, prompt_ids) -> str:
 def _fit_conversation(session, messages, n_predict) -> list[int]:
     """Tokens of the conversation; drops the oldest turns (with a notice) when it would leave
     less than a reply's room in the context."""
-    from engram_local.runtime import PromptTooLong
+    from engram_local.runtime.session import PromptTooLong
 
     room = min(n_predict, session.n_ctx // 4) if n_predict else 1
     while True:
@@ -307,7 +307,7 @@ def _fit_conversation(session, messages, n_predict) -> list[int]:
 
 
 class _Memory:
-    """/remember, /facts, /forget on the last --overrides file (engram_local.memory)."""
+    """/remember, /facts, /forget on the last --overrides file (engram_local.memory.facade)."""
 
     def __init__(self, session):
         self.session = session
@@ -325,7 +325,7 @@ class _Memory:
 
     def _fitting_model(self):
         if self._model is None:
-            from engram_local import memory
+            from engram_local.memory import facade as memory
 
             _err("(loading the model for fitting: first write only)")
             self._model = memory.load_model_for_memory(self.session.model_dir.path)
@@ -340,7 +340,7 @@ class _Memory:
     def remember(self, statement: str) -> None:
         if not self._ready():
             return
-        from engram_local import memory
+        from engram_local.memory import facade as memory
 
         try:
             prompt, answer = memory.split_statement(statement)
@@ -363,7 +363,7 @@ class _Memory:
     def facts(self) -> None:
         if not self._ready():
             return
-        from engram_local.overrides import read_memory_file
+        from engram_local.formats.eov import read_memory_file
 
         if not self.path.exists():
             _err("(no facts yet)")
@@ -381,7 +381,7 @@ class _Memory:
     def forget(self, fact_id: str) -> None:
         if not self._ready():
             return
-        from engram_local import memory
+        from engram_local.memory import facade as memory
 
         if not self.path.exists():
             _err(f"no fact {fact_id!r}: {self.path} does not exist yet")

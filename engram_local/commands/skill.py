@@ -52,7 +52,7 @@ def train_skill(model, out_file, users, steps, batch, lr, rank, kinds, no_rows, 
     """
     from dataclasses import asdict
 
-    from engram_local.skill import KINDS, SkillSettings, train_skill as train
+    from engram_local.train.skill import KINDS, SkillSettings, train_skill as train
 
     s = SkillSettings()
     for name, value in (("steps", steps), ("batch", batch), ("lr", lr), ("seed", seed)):

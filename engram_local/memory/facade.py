@@ -1,9 +1,9 @@
 """User memory: facts written as Engram row overrides (`remember`, `facts`, `forget`).
 
-A fact is (prompt, answer). Writing it (engram_local.writer) fits a few rows of the write
+A fact is (prompt, answer). Writing it (engram_local.memory.writer) fits a few rows of the write
 layer's table so that greedy generation from the prompt produces the whole answer; the rows,
 each bound to the exact N-gram key it was written for, go into the user's .eov file
-(engram_local.overrides) with a ledger of the facts. At run time the file's override sets are
+(engram_local.formats.eov) with a ledger of the facts. At run time the file's override sets are
 stacked over the shared table (`open_overrides`); text that never looks up a written (row, key)
 is bit-for-bit unchanged.
 
@@ -26,6 +26,9 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from engram_local import constants
+from engram_local.formats.eov import open_overrides  # noqa: F401 (re-exported: engram_local.memory.open_overrides)
+from engram_local.text.facts import (FactInputError, _answer_text, chat_contexts,  # noqa: F401 (re-exported)
+                                     prompt_from_sentence, split_statement)
 
 # --------------------------------------------------------------------------- facts
 
@@ -37,72 +40,6 @@ class NewFact:
     answer: str
     id: str | None = None
     paraphrases: list[str] = field(default_factory=list)
-
-
-class FactInputError(ValueError):
-    """A fact that cannot be read or split; nothing is written."""
-
-
-_TRAILING = ".!;"
-# Words after which an answer may start. Copulas and prepositions match in any case; the
-# articles only in lower case (a capitalised "The" is taken as part of a name).
-_LINKS = ("is", "are", "was", "were", "am", "in", "at", "on", "by", "to", "from", "for", "with",
-          "of", "as", "into", "near", "named", "called")
-_ARTICLES = ("a", "an", "the")
-_LINK_RE = re.compile(r"(?:\b(?:" + "|".join(_LINKS) + r")\b|(?<=\w)'m\b|(?<=\w)'re\b)", re.IGNORECASE)
-_ARTICLE_RE = re.compile(r"\b(?:" + "|".join(_ARTICLES) + r")\b")
-
-
-def split_statement(statement: str) -> tuple[str, str]:
-    """(prompt, answer) of a plain sentence such as "My doctor is Dr. Krause.".
-
-    Rule: drop surrounding whitespace and one final ".", "!" or ";" (a question is refused);
-    if the sentence has a colon followed by a space, the answer is what follows the last one
-    ("Home city: Portland"; "10:00" is no such colon); otherwise the answer is what follows the LAST linking word - a copula (is, are,
-    was, were, am, 'm, 're), a preposition (in, at, on, by, to, from, for, with, of, as, into,
-    near), "named"/"called", or a lower-case article (a, an, the). The prompt is everything up
-    to and including that word. Examples: "My doctor is Dr. Krause." -> ("My doctor is",
-    "Dr. Krause"); "I live in Portland" -> ("I live in", "Portland"); "My usual coffee order is
-    a cortado." -> ("My usual coffee order is a", "cortado"); "I have a cat named Figaro" ->
-    ("I have a cat named", "Figaro"). An answer that itself contains a linking word ("Lord of
-    the Rings") is cut at it: give such facts with --prompt/--answer.
-    """
-    s = " ".join(statement.split())
-    if s.endswith("?"):
-        raise FactInputError(f"{statement!r} is a question, not a statement of a fact")
-    if s and s[-1] in _TRAILING:
-        s = s[:-1].rstrip()
-    if not s:
-        raise FactInputError("empty statement")
-    cut = None
-    colons = [m.end() - 1 for m in re.finditer(r":\s", s)]
-    if colons:
-        cut = colons[-1]
-    else:
-        for m in list(_LINK_RE.finditer(s)) + list(_ARTICLE_RE.finditer(s)):
-            if cut is None or m.end() > cut:
-                cut = m.end()
-    if cut is None or not s[cut:].strip() or not s[:cut].strip():
-        raise FactInputError(
-            f"cannot split {statement!r} into a prompt and an answer: no linking word (is, are, was, "
-            f"in, at, named, ...) or colon followed by the answer; give it as --prompt TEXT --answer TEXT")
-    return s[:cut].rstrip(), s[cut:].strip()
-
-
-def _answer_text(answer) -> str:
-    if isinstance(answer, list):
-        return ", ".join(map(str, answer))
-    return str(answer)
-
-
-def prompt_from_sentence(sentence: str, answer: str) -> str | None:
-    """The paper's rule for one paraphrase: if it ends with the answer (a trailing "." stripped),
-    the prompt is the sentence without the answer; otherwise None."""
-    s = sentence.rstrip().removesuffix(".")
-    if answer and s.endswith(answer):
-        p = s[: -len(answer)].rstrip()
-        return p or None
-    return None
 
 
 def user_json_facts(path: str | os.PathLike, paraphrases: bool = False) -> list[NewFact]:
@@ -198,11 +135,11 @@ def model_fingerprint(em) -> int:
 
 def fingerprint_of(model: str | os.PathLike | None) -> int:
     """The fingerprint user memory binds to, without loading the model when it is a MODEL_DIR."""
-    from engram_local.loader import ModelDir, resolve
+    from engram_local.runtime.loader import ModelDir, resolve
 
     target = resolve(model)
     if isinstance(target, ModelDir):
-        from engram_local.gguf_io import open_sidecar
+        from engram_local.formats.gguf_io import open_sidecar
 
         return int(open_sidecar(target.engram).fingerprint)
     raise ValueError(f"{target}: user memory needs a MODEL_DIR; convert the checkpoint with "
@@ -212,11 +149,11 @@ def fingerprint_of(model: str | os.PathLike | None) -> int:
 def load_model_for_memory(model: str | os.PathLike | None = None):
     """(EngramModel, tokenizer, fingerprint) of a MODEL_DIR, a checkpoint or the default model,
     with no user memory attached (the skill adapter, when the model has one, is applied)."""
-    from engram_local.loader import load_model
+    from engram_local.runtime.loader import load_model
 
     em, tok, md = load_model(model)
     if md is not None:
-        from engram_local.gguf_io import open_sidecar
+        from engram_local.formats.gguf_io import open_sidecar
 
         fp = int(open_sidecar(md.engram).fingerprint)
     else:
@@ -225,19 +162,6 @@ def load_model_for_memory(model: str | os.PathLike | None = None):
 
 
 # --------------------------------------------------------------------------- run time
-
-def open_overrides(paths: Sequence[str | os.PathLike], model_fingerprint: int | None):
-    """{layer: [OverrideSet, ...]} of .eov files for the model with `model_fingerprint`, in
-    the order given (pass the list as a layer's stack: a later file wins on a shared row).
-    A file for another model raises MemoryFileError (a ValueError) naming both fingerprints."""
-    from engram_local.overrides import read_memory_file
-
-    stacks: dict[int, list] = {}
-    for path in paths:
-        mf = read_memory_file(path, model_fingerprint)
-        for layer, s in sorted(mf.layers.items()):
-            stacks.setdefault(layer, []).append(s)
-    return stacks
 
 
 def open_overrides_for_model(paths: Sequence[str | os.PathLike], model: str | os.PathLike | None):
@@ -312,7 +236,7 @@ def _fit_inputs(mf, write_layer: int):
 
 def _write_result(path, mf, res, facts_meta, write_layer: int, value_type: str, fingerprint: int):
     """Write the fit's entries for the write layer, other layers as they were, and the ledger."""
-    from engram_local.overrides import write_memory_file
+    from engram_local.formats.eov import write_memory_file
 
     dtype = np.float16 if value_type == "f16" else np.float32
     sets, base = {}, 0
@@ -359,13 +283,12 @@ def _next_ids(taken: set[str], n: int) -> list[str]:
 def fact_inputs(facts, em, tok, chat: bool | None = None) -> list:
     """The writer's FactIn of ledger or new facts. With `chat` (default: when `em` carries the
     skill adapter) each fact is also fitted as the adapter recites it in a chat reply."""
-    from engram_local.writer import FactIn
+    from engram_local.memory.writer import FactIn
 
     if chat is None:
         chat = getattr(em, "skill_adapter", None) is not None
     contexts = {}
     if chat:
-        from engram_local.skill import chat_contexts
 
         contexts = chat_contexts(facts, tok)
     return [FactIn(f.id, [f.prompt] + list(f.paraphrases), f.answer, contexts=contexts.get(f.id, []))
@@ -381,8 +304,8 @@ def remember(path: str | os.PathLike, new: Iterable[NewFact], em, tok, fingerpri
     model carries the adapter)."""
     import time
 
-    from engram_local.overrides import LedgerFact, MemoryFile, locked, read_memory_file, utc_now
-    from engram_local.writer import FitError, FitSettings, Fitter, answer_tokens
+    from engram_local.formats.eov import LedgerFact, MemoryFile, locked, read_memory_file, utc_now
+    from engram_local.memory.writer import FitError, FitSettings, Fitter, answer_tokens
 
     t0 = time.time()
     new = list(new)
@@ -457,8 +380,8 @@ def forget(path: str | os.PathLike, fact_ids: Sequence[str], em, tok, fingerprin
     rewritten whole, so none of the forgotten facts' text or rows remain in its bytes."""
     import time
 
-    from engram_local.overrides import locked, read_memory_file
-    from engram_local.writer import FactIn, FitSettings, Fitter, answer_tokens
+    from engram_local.formats.eov import locked, read_memory_file
+    from engram_local.memory.writer import FactIn, FitSettings, Fitter, answer_tokens
 
     t0 = time.time()
     wl = em.cfg.write_layer
@@ -490,7 +413,7 @@ def forget(path: str | os.PathLike, fact_ids: Sequence[str], em, tok, fingerprin
                                       keep_out_tokens=greedy(em, tok, p, n)))
             res = fitter.fit(ins, existing, owner) if (any(not f.keep_out for f in ins) or existing) else None
         if res is None:
-            from engram_local.writer import FitResult
+            from engram_local.memory.writer import FitResult
             res = FitResult(rows=np.zeros(0, np.int64), keys=np.zeros(0, np.int64),
                             values=np.zeros((0, em.cfg.head_dim), np.float32), fact_entries={},
                             recalled={})

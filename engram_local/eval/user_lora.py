@@ -7,7 +7,7 @@ same adapter is trained here with the same rank, targets, optimizer and learning
 full batch (every fact of the user in each step), cross-entropy on every answer token (the
 whole answer, not only its first token: the runtime generates whole answers), and an early stop
 once every answer token leads the runner-up by `margin` logits (the writer's own recall
-criterion, engram_local.writer.FitSettings.margin), at most `max_steps` steps.
+criterion, engram_local.memory.writer.FitSettings.margin), at most `max_steps` steps.
 
 The adapter is saved as a PEFT directory (torch: bits per byte) and as a llama.cpp LoRA adapter
 GGUF (generation), cached in a directory keyed by the facts, the settings and the model.
@@ -62,7 +62,7 @@ def fact_batch(tok, facts):
     tokenizer's own sequence start (BOS where it adds one), labels on the answer tokens only."""
     import torch
 
-    from engram_local.writer import answer_tokens
+    from engram_local.memory.writer import answer_tokens
 
     plain = tok("a", add_special_tokens=False)["input_ids"]
     full = tok("a")["input_ids"]
@@ -90,7 +90,7 @@ def train_user_lora(em, tok, facts, settings: UserLoRASettings | None = None, pr
     import torch
     import torch.nn.functional as F
 
-    from engram_local import lora
+    from engram_local.model import lora
 
     s = settings or UserLoRASettings()
     torch.manual_seed(s.seed)
@@ -128,7 +128,7 @@ def write_gguf_adapter(peft_dir: Path, backbone_gguf: Path, dest: Path) -> None:
     """The PEFT LoRA in `peft_dir` as a llama.cpp adapter GGUF for the backbone `backbone_gguf`."""
     from engram_local.convert import adapter as adapter_io
     from engram_local.convert import registry
-    from engram_local.gguf_io import scan_gguf
+    from engram_local.formats.gguf_io import scan_gguf
 
     header = scan_gguf(backbone_gguf)
     arch = registry.for_gguf(header.architecture or "")
@@ -139,7 +139,7 @@ def user_lora(em, tok, facts, backbone_gguf: Path, directory: Path, model_key: s
               settings: UserLoRASettings | None = None, progress=None) -> UserLoRA:
     """The user's LoRA in `directory` (PEFT + GGUF), trained on `em` unless a cached one was made
     from the same facts, settings and model (`model_key`). em.backbone carries no LoRA after."""
-    from engram_local import lora
+    from engram_local.model import lora
 
     s = settings or UserLoRASettings()
     directory = Path(directory)

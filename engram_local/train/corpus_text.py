@@ -1,5 +1,5 @@
 """Text side of the corpus build: cleaning each source's markup into paragraphs, chunking
-documents, and the deterministic train/validation split (engram_local.corpus fetches and parses
+documents, and the deterministic train/validation split (engram_local.train.corpus fetches and parses
 the packages; see docs/corpus.md)."""
 
 from __future__ import annotations

@@ -38,7 +38,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engram_local.model import decoder_layers
+from engram_local.model.engram import decoder_layers
+from engram_local.text.facts import join_answer  # noqa: F401 (re-exported)
 
 METHODS = ("joint", "opt", "unembed")
 DOC_START_ID = 0   # perplexity.DOC_START_ID: some front ends start a sequence with it
@@ -109,13 +110,6 @@ class FitResult:
 
 
 # --------------------------------------------------------------------------- tokens
-
-def join_answer(prompt: str, answer: str) -> str:
-    """The text that follows the prompt: the answer after one space, unless the prompt already
-    ends in whitespace or in an opening character ("$", "(", "[", quotes, "#", "@", "/")."""
-    if not prompt or prompt[-1].isspace() or prompt[-1] in "$£€¥([{\"'“‘#@/-":
-        return answer
-    return " " + answer
 
 
 def answer_tokens(tok, prompt: str, answer: str) -> tuple[list[int], list[int]]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
+from engram_local.text.facts import fact_sentence, join_answer  # noqa: F401 (re-exported)
 
 INDIRECT_PROBES = 20        # the paper: first 20 indirect_qa items per user, in file order
 INDIRECT_TOKENS = 16        # greedy tokens per indirect probe
@@ -46,7 +47,6 @@ def gold_first_tokens(tokenize: Callable[[str], Sequence[int]], answer, prompt: 
     gives the leading space a token of its own (SmolLM2 splits " 48" into " ", "4", "8"), the
     first token would be a bare space for every number; the gold is then the space token(s)
     plus the first token that carries the word, [" ", "4"]. One token otherwise, as in the paper."""
-    from engram_local.writer import join_answer
 
     word = first_word(answer)
     if not word:
@@ -78,13 +78,6 @@ def indirect_probes(user: Mapping, n: int = INDIRECT_PROBES) -> list[tuple[str, 
 def chat_probes(user: Mapping) -> list[tuple[str, str]]:
     """(question, gold) of every direct_qa item: asked as one chat user turn."""
     return [(str(q["question"]), str(q["answer"])) for q in user.get("direct_qa", [])]
-
-
-def fact_sentence(prompt: str, answer: str) -> str:
-    """The sentence a fact was written from: "My name is" + "Maya Weber" -> "My name is Maya Weber."."""
-    from engram_local.writer import join_answer
-
-    return prompt + join_answer(prompt, answer) + "."
 
 
 def context_block(sentences: Sequence[str]) -> str:

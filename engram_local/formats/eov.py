@@ -38,14 +38,14 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 import gguf
 import numpy as np
 
 from engram_local import constants
 from engram_local.native import OverrideSet
-from engram_local.table import find_tensor, read_gguf, tensor_bytes
+from engram_local.formats.table import find_tensor, read_gguf, tensor_bytes
 
 UINT64_MAX = 2**64 - 1
 FILE_MODE = 0o600
@@ -401,3 +401,16 @@ def open_override_file(path: str | os.PathLike,
     With `fingerprint`, the file must have been written for that model fingerprint.
     """
     return read_memory_file(path, fingerprint).layers
+
+
+def open_overrides(paths: Sequence[str | os.PathLike], model_fingerprint: int | None):
+    """{layer: [OverrideSet, ...]} of .eov files for the model with `model_fingerprint`, in
+    the order given (pass the list as a layer's stack: a later file wins on a shared row).
+    A file for another model raises MemoryFileError (a ValueError) naming both fingerprints."""
+    stacks: dict[int, list] = {}
+    for path in paths:
+        mf = read_memory_file(path, model_fingerprint)
+        for layer, s in sorted(mf.layers.items()):
+            stacks.setdefault(layer, []).append(s)
+    return stacks
+

@@ -8,10 +8,11 @@ package (`engram_local/data/default-engram/`).
 
 from __future__ import annotations
 
+from engram_local import constants
 import json
 from pathlib import Path
 
-DEFAULT_CHECKPOINT = Path(__file__).parent / "data" / "default-engram"
+DEFAULT_CHECKPOINT = constants.DEFAULT_CHECKPOINT_DIR
 CHECKPOINT_META = "checkpoint.json"
 
 
@@ -33,9 +34,9 @@ def write_meta(directory: str | Path, meta: dict):
 
 def load_engram_model(model: str | Path | None = None):
     """(EngramModel, tokenizer) for a checkpoint directory, or the default when `model` is None."""
-    from engram_local.backbone import load_hf_backbone
-    from engram_local.canonical import build_canonical_map
-    from engram_local.model import EngramModel, read_engram_config
+    from engram_local.model.backbone import load_hf_backbone
+    from engram_local.text.canonical import build_canonical_map
+    from engram_local.model.engram import EngramModel, read_engram_config
 
     directory = Path(model) if model is not None else DEFAULT_CHECKPOINT
     if not is_checkpoint(directory):

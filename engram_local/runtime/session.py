@@ -24,15 +24,11 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 
-from engram_local.sampling import Sampler
+from engram_local.runtime.sampling import Sampler
+from engram_local.text.chat import CHATML_TEMPLATE, ChatTemplateError, render_chat  # noqa: F401 (re-exported)
 
 BACKENDS = ("auto", "llama.cpp", "torch")
 DEFAULT_CTX = 2048
-
-# Used when a backbone has no chat template of its own.
-CHATML_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + "
-                   "message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
-                   "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
 class RunError(Exception):
@@ -57,8 +53,8 @@ def open_override_stack(paths: Sequence[str | os.PathLike], sidecar, allow_missi
     first /remember).
     """
     from engram_local import constants
-    from engram_local.gguf_io import GGUFFormatError, scan_gguf
-    from engram_local.memory import open_overrides
+    from engram_local.formats.gguf_io import GGUFFormatError, scan_gguf
+    from engram_local.formats.eov import open_overrides
 
     stack: dict[int, list] = {}
     model_fp = int(sidecar.fingerprint)
@@ -99,30 +95,6 @@ def open_override_stack(paths: Sequence[str | os.PathLike], sidecar, allow_missi
 
 
 # --------------------------------------------------------------------------- chat template
-
-def render_chat(template: str | None, messages: list[dict], *, bos_token: str = "", eos_token: str = "",
-                add_generation_prompt: bool = True) -> str:
-    """The chat template applied to `messages` (jinja2, as transformers renders it)."""
-    import jinja2
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    def strftime_now(fmt):
-        return time.strftime(fmt)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols"])
-    env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
-    import json as _json
-    env.filters["tojson"] = lambda x, indent=None, **kw: _json.dumps(x, ensure_ascii=False, indent=indent)
-    try:
-        tmpl = env.from_string(template or CHATML_TEMPLATE)
-        return tmpl.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                           bos_token=bos_token, eos_token=eos_token)
-    except jinja2.exceptions.TemplateError as exc:
-        raise RunError(f"the model's chat template failed: {exc}") from None
 
 
 # --------------------------------------------------------------------------- timings
@@ -217,7 +189,7 @@ class Session:
                  kv_f32: bool = False, adapter: str | os.PathLike | None = None):
         """adapter: a LoRA adapter GGUF to use instead of the MODEL_DIR's own (`skill` is then
         ignored), e.g. a per-user adapter in the head-to-head evaluation."""
-        from engram_local import loader
+        from engram_local.runtime import loader
 
         if backend not in BACKENDS:
             raise RunError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -240,7 +212,7 @@ class Session:
         self.sidecar = None
         stack = {}
         if self.model_dir is not None:
-            from engram_local.gguf_io import GGUFFormatError, open_sidecar
+            from engram_local.formats.gguf_io import GGUFFormatError, open_sidecar
 
             for f in (self.model_dir.backbone, self.model_dir.engram):
                 if not os.access(f, os.R_OK):
@@ -257,13 +229,13 @@ class Session:
 
         choice = backend
         if choice == "auto":
-            from engram_local import llama_backend
+            from engram_local.runtime import llama_backend
 
             use_llama = (self.model_dir is not None and llama_backend.available()
                          and (device in (None, "cpu")))
             choice = "llama.cpp" if use_llama else "torch"
         if choice == "llama.cpp":
-            from engram_local import llama_backend
+            from engram_local.runtime import llama_backend
 
             if self.model_dir is None:
                 raise RunError(f"{self.checkpoint}: the llama.cpp backend needs a MODEL_DIR with a "
@@ -286,7 +258,7 @@ class Session:
             except (FileNotFoundError, PermissionError, llama_backend.LlamaCppError) as exc:
                 raise RunError(str(exc)) from None
         else:
-            from engram_local.torch_backend import TorchBackend
+            from engram_local.runtime.torch_backend import TorchBackend
 
             _quiet_transformers()
             try:
@@ -322,8 +294,11 @@ class Session:
         return self.backend.chat_template
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        return render_chat(self.chat_template(), messages, add_generation_prompt=add_generation_prompt,
-                           **self.special_tokens())
+        try:
+            return render_chat(self.chat_template(), messages, add_generation_prompt=add_generation_prompt,
+                               **self.special_tokens())
+        except ChatTemplateError as exc:
+            raise RunError(str(exc)) from None
 
     def tokenize(self, text: str, chat: bool = False) -> list[int]:
         """Token ids of a raw prompt, or (chat) of the text wrapped as one user turn."""

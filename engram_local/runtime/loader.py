@@ -63,7 +63,7 @@ def is_model_dir(path: str | os.PathLike) -> bool:
 
 def default_model_dir() -> Path:
     """Where the default MODEL_DIR lives: `<data home>/models/default`."""
-    from engram_local.backbone import data_home
+    from engram_local.model.backbone import data_home
 
     return data_home() / "models" / "default"
 
@@ -77,7 +77,7 @@ def ensure_default_model() -> ModelDir:
 
 def resolve(path: str | os.PathLike | None) -> ModelDir | Path:
     """A ModelDir for a MODEL_DIR or None (the default), the Path of an Engram checkpoint."""
-    from engram_local.checkpoint import is_checkpoint
+    from engram_local.model.checkpoint import is_checkpoint
 
     if path is None:
         return ensure_default_model()
@@ -106,7 +106,7 @@ def load_model(path: str | os.PathLike | None = None, overrides: OverrideStacks 
         if overrides:
             raise ValueError(f"{target}: user memory needs a MODEL_DIR; convert the checkpoint with "
                              "`engram-local convert` first")
-        from engram_local.checkpoint import load_engram_model
+        from engram_local.model.checkpoint import load_engram_model
 
         em, tok = load_engram_model(target)
         return em, tok, None
@@ -116,8 +116,8 @@ def load_model(path: str | os.PathLike | None = None, overrides: OverrideStacks 
 def _load_model_dir(md: ModelDir, overrides: OverrideStacks | None, adapter: bool):
     import torch
 
-    from engram_local.gguf_io import GGUFFormatError, open_sidecar, read_lora_adapter, scan_gguf
-    from engram_local.model import EngramModel
+    from engram_local.formats.gguf_io import GGUFFormatError, open_sidecar, read_lora_adapter, scan_gguf
+    from engram_local.model.engram import EngramModel
 
     sidecar = open_sidecar(md.engram)
     cfg = sidecar.config
@@ -179,7 +179,7 @@ def load_backbone(gguf_path: Path):
     """
     import xxhash
 
-    from engram_local.backbone import data_home, default_backbone_gguf, load_hf_backbone
+    from engram_local.model.backbone import data_home, default_backbone_gguf, load_hf_backbone
 
     gguf_path = Path(gguf_path).resolve()
     try:
@@ -234,7 +234,7 @@ def merge_lora(backbone, adapter, backbone_header):
     import torch
 
     from engram_local.convert import for_gguf
-    from engram_local.gguf_io import GGUFFormatError
+    from engram_local.formats.gguf_io import GGUFFormatError
 
     if adapter.architecture != backbone_header.architecture:
         raise GGUFFormatError(f"{adapter.path}: adapter for {adapter.architecture!r}, the backbone is "
@@ -263,6 +263,6 @@ def merge_lora(backbone, adapter, backbone_header):
 def merge_adapter_file(backbone, adapter_path: str | os.PathLike, backbone_gguf: str | os.PathLike):
     """merge_lora of the llama.cpp LoRA adapter GGUF at `adapter_path` into `backbone`, the model
     of the backbone GGUF `backbone_gguf` (an adapter other than the MODEL_DIR's own)."""
-    from engram_local.gguf_io import read_lora_adapter, scan_gguf
+    from engram_local.formats.gguf_io import read_lora_adapter, scan_gguf
 
     merge_lora(backbone, read_lora_adapter(Path(adapter_path)), scan_gguf(Path(backbone_gguf)))

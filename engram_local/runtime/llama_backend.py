@@ -29,7 +29,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from engram_local import native
-from engram_local.context import check_new_tokens
+from engram_local.runtime.context import check_new_tokens
 
 # The llama-cpp-python release whose graph node names this backend was written against.
 PINNED_LLAMA_CPP_PYTHON = "0.3.36"

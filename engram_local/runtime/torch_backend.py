@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from engram_local import native
-from engram_local.context import check_new_tokens
+from engram_local.runtime.context import check_new_tokens
 
 # Texts of special tokens that end a turn (llama.cpp's llama-vocab.cpp detects the same ones).
 EOG_TEXTS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>",
@@ -33,7 +33,7 @@ class TorchBackend:
                  n_ctx: int = 2048, n_threads: int | None = None, log=None, loaded=None):
         import torch
 
-        from engram_local.loader import load_model
+        from engram_local.runtime.loader import load_model
 
         self._log = log or (lambda msg: print(msg, file=sys.stderr))
         if n_threads:
@@ -157,7 +157,7 @@ class TorchBackend:
         self._canon = []
 
     def set_overrides(self, sidecar, overrides) -> None:
-        from engram_local.loader import attach_tables
+        from engram_local.runtime.loader import attach_tables
 
         attach_tables(self.em, sidecar, overrides)
         self.reset()

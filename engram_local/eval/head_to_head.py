@@ -4,16 +4,16 @@ For each user file (the paper's schema: users/*.json) and each condition, on one
 (user-as-engram-method.md §6-§7):
 
   A  untouched base                          no adapter, no rows
-  B  per-user LoRA r64                        the user's own LoRA (engram_local.user_lora)
+  B  per-user LoRA r64                        the user's own LoRA (engram_local.eval.user_lora)
   C  per-user Engram rows                     rows fitted on the base model (no adapter)
   D  per-user LoRA + per-user Engram          B's LoRA with C's rows (naive stacking)
   E  shared adapter only                      the MODEL_DIR's skill adapter (adapter.gguf)
   F  layered                                  rows fitted through the skill adapter + the adapter
   G  all facts in the prompt                  base model, every fact sentence before the prompt
   H  retrieval top-k                          base model, the k facts nearest to the query
-                                              (all-MiniLM-L6-v2 cosine, engram_local.retrieval)
+                                              (all-MiniLM-L6-v2 cosine, engram_local.eval.retrieval)
 
-Metrics (engram_local.scoring): direct recall (first-token top-1 and whole answer) on the
+Metrics (engram_local.eval.scoring): direct recall (first-token top-1 and whole answer) on the
 paper-rule completion prompts, chat-form recall, indirect_any and indirect_top1 on the first 20
 indirect probes, the bits-per-byte change on an unrelated text against A, users worse than A
 on indirect_any, context tokens added per query and ms per query (both over the indirect
@@ -32,14 +32,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from engram_local import scoring
-from engram_local.user_lora import UserLoRASettings
+from engram_local import constants
+from engram_local.eval import scoring
+from engram_local.eval.user_lora import UserLoRASettings
 
 # Shared CPU cores: OpenMP threads that spin while waiting slow every other process down (and
 # this one, ~10x on 2 cores next to another torch job). Effective when torch is not loaded yet.
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
-DEFAULT_TEXT = Path(__file__).resolve().parent / "texts" / "unrelated-austen.txt"
+DEFAULT_TEXT = constants.UNRELATED_TEXT
 LETTERS = "ABCDEFGH"
 METRICS = ("direct_top1", "direct_full", "chat_recall", "indirect_any", "indirect_top1", "bpb",
            "delta_bpb", "context_tokens", "ms_per_query", "bytes_stored", "prep_s", "eval_s")
@@ -106,7 +107,7 @@ class User:
 
 
 def load_user(path: str | Path, n_indirect: int = scoring.INDIRECT_PROBES) -> User:
-    from engram_local.memory import FactInputError, user_json_facts
+    from engram_local.memory.facade import FactInputError, user_json_facts
 
     path = Path(path)
     try:
@@ -121,7 +122,7 @@ def load_user(path: str | Path, n_indirect: int = scoring.INDIRECT_PROBES) -> Us
 
 def user_paths(paths: Sequence[str | Path]) -> list[Path]:
     """User files: files as given, directories as their *.json (sorted); uids (file stems) unique."""
-    from engram_local.skill import user_files
+    from engram_local.train.skill import user_files
 
     if not paths:
         raise HeadToHeadError("no user files given (--users FILE)")
@@ -153,8 +154,8 @@ class HeadToHead:
                  work_dir: str | Path | None = None, text: str | Path | None = None,
                  adapter: str | Path | None = None, embedder=None,
                  log: Callable[[str], None] | None = None):
-        from engram_local import loader
-        from engram_local.gguf_io import open_sidecar
+        from engram_local.runtime import loader
+        from engram_local.formats.gguf_io import open_sidecar
 
         self.s = settings or Settings()
         self.s.conditions = parse_conditions(self.s.conditions)
@@ -198,8 +199,8 @@ class HeadToHead:
         """(EngramModel, tokenizer) on torch: the base, or the base with the skill adapter merged."""
         key = "skill" if skill else "base"
         if key not in self._models:
-            from engram_local import loader
-            from engram_local.runtime import _quiet_transformers
+            from engram_local.runtime import loader
+            from engram_local.runtime.session import _quiet_transformers
 
             if self.s.threads:
                 import torch
@@ -214,14 +215,14 @@ class HeadToHead:
 
     def _embedder_(self):
         if self._embedder is None:
-            from engram_local.retrieval import Embedder
+            from engram_local.eval.retrieval import Embedder
             self._embedder = Embedder()
         return self._embedder
 
     # ---------------------------------------------------------------- per-user work
     def _rows(self, user: User, kind: str, prep: dict) -> Path:
-        from engram_local.corpus_text import sha256_file
-        from engram_local.skill import training_rows
+        from engram_local.train.corpus_text import sha256_file
+        from engram_local.train.skill import training_rows
 
         if kind not in prep:
             if kind == "skill" and self._adapter_key is None:
@@ -237,7 +238,7 @@ class HeadToHead:
         return Path(prep[kind]["eov"])
 
     def _lora(self, user: User, prep: dict):
-        from engram_local.user_lora import user_lora
+        from engram_local.eval.user_lora import user_lora
 
         if "lora" not in prep:
             em, tok = self._model(False)
@@ -267,10 +268,10 @@ class HeadToHead:
 
     # ---------------------------------------------------------------- bits per byte
     def _bits(self, cond: Condition, art: _Artifacts) -> float:
-        from engram_local import lora
-        from engram_local.loader import attach_tables
-        from engram_local.memory import open_overrides
-        from engram_local.perplexity import bits_per_byte
+        from engram_local.model import lora
+        from engram_local.runtime.loader import attach_tables
+        from engram_local.memory.facade import open_overrides
+        from engram_local.runtime.perplexity import bits_per_byte
 
         shared = None if (cond.lora or cond.rows) else ("skill" if cond.skill else "base")
         if shared in self._bpb:
@@ -292,16 +293,16 @@ class HeadToHead:
 
     # ---------------------------------------------------------------- generation
     def _evaluate(self, user: User, cond: Condition, art: _Artifacts) -> dict:
-        from engram_local.runtime import PromptTooLong, Session
-        from engram_local.sampling import Sampler
-        from engram_local.writer import join_answer
+        from engram_local.runtime.session import PromptTooLong, Session
+        from engram_local.runtime.sampling import Sampler
+        from engram_local.text.facts import join_answer
 
         session = Session(self.md.path, overrides=[str(p) for p in art.overrides], backend=self.s.backend,
                           n_ctx=self.s.n_ctx, n_threads=self.s.threads, skill=False, adapter=art.adapter,
                           log=lambda m: None)
         retriever = None
         if cond.context == "topk":
-            from engram_local.retrieval import Retriever
+            from engram_local.eval.retrieval import Retriever
             retriever = Retriever(self._embedder_(), user.sentences)
 
         def context(query: str) -> str:
@@ -448,7 +449,7 @@ def head_to_head(users: Sequence[str | Path], model: str | Path | None = None, c
                  progress: bool = True, command: str | None = None, embedder=None,
                  log: Callable[[str], None] | None = None) -> dict:
     """Run the evaluation: `users` are user files or directories of them; returns the results
-    (write them with engram_local.report)."""
+    (write them with engram_local.eval.report)."""
     s = settings or Settings()
     if conditions is not None:
         s.conditions = parse_conditions(conditions)

@@ -38,7 +38,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-DEFAULT_USERS_DIR = Path(__file__).resolve().parent / "data" / "skill-users"
+from engram_local import constants
+from engram_local.text.facts import CHAT_QUESTIONS, chat_contexts, fact_sentence, recitations  # noqa: F401 (re-exported)
+
+DEFAULT_USERS_DIR = constants.SKILL_USERS_DIR
 
 
 KINDS = ("fact", "reason", "chat", "qa", "irecite")
@@ -90,58 +93,10 @@ def user_files(dirs: Sequence[str | os.PathLike] | None) -> list[Path]:
     return out
 
 
-def _sentence(prompt: str, answer: str) -> str:
-    from engram_local.writer import join_answer
-
-    return prompt + join_answer(prompt, answer) + "."
-
-
-def recitations(facts) -> dict[str, str]:
-    """fact id -> the reply that recites it in its written words.
-
-    A fact whose prompt names another fact's answer (a person: "Avery was born in") is preceded
-    by that fact's sentence ("My spouse is Avery."), so the reply can be produced from rows alone.
-    """
-    sentences = {f.id: _sentence(f.prompt, f.answer) for f in facts}
-    out = {}
-    for f in facts:
-        lead = [g for g in facts if g.id != f.id and len(g.answer) >= 2 and g.answer[:1].isupper()
-                and re.search(rf"(?<!\w){re.escape(g.answer)}(?!\w)", f.prompt)]
-        lead.sort(key=lambda g: -len(g.answer))
-        out[f.id] = " ".join([sentences[g.id] for g in lead[:1]] + [sentences[f.id]])
-    return out
-
-
-# Stand-in questions of the fitted chat turns (the real question is not known when writing):
-# a generic one, and one that names the fact's topic.
-CHAT_QUESTIONS = ("What do you remember about me?", "{prompt}?")
-
-
-def chat_contexts(facts, tok) -> dict[str, list[tuple[str, str]]]:
-    """fact id -> [(lead, prompt)]: the fact as the skill adapter recites it in a chat reply.
-
-    The lead is a chat turn up to the assistant's reply (the model's own template, a stand-in
-    question) plus any sentence the recitation starts with; `remember` fits the rows to give
-    the answer there too, so they work where the adapter makes the model say the prompt.
-    """
-    from engram_local.runtime import render_chat
-
-    recite, out = recitations(facts), {}
-    for f in facts:
-        lead = recite[f.id][: -len(_sentence(f.prompt, f.answer))].rstrip()
-        out[f.id] = []
-        for q in CHAT_QUESTIONS:
-            turn = render_chat(getattr(tok, "chat_template", None),
-                               [{"role": "user", "content": q.format(prompt=f.prompt)}],
-                               bos_token=tok.bos_token or "", eos_token=tok.eos_token or "")
-            out[f.id].append((turn + lead, (" " if lead else "") + f.prompt))
-    return out
-
-
 def user_texts(path: Path, settings: SkillSettings, rng: random.Random) -> list[tuple[str, str, str]]:
     """(kind, context, reply) triples of one user; `context` is plain text or, for chat, the
     user's question (rendered with the chat template later)."""
-    from engram_local.memory import user_json_facts
+    from engram_local.memory.facade import user_json_facts
 
     doc = json.loads(Path(path).read_text(encoding="utf-8"))
     facts = user_json_facts(path)
@@ -149,7 +104,7 @@ def user_texts(path: Path, settings: SkillSettings, rng: random.Random) -> list[
     recite = recitations(facts)
     out = []
     if "fact" in settings.kinds:
-        out += [("fact", "", _sentence(f.prompt, f.answer)) for f in facts]
+        out += [("fact", "", fact_sentence(f.prompt, f.answer)) for f in facts]
     direct = [q for q in doc.get("direct_qa", []) if q.get("key") in recite]
     if "chat" in settings.kinds:
         out += [("chat", q["question"], recite[q["key"]]) for q in direct]
@@ -171,7 +126,7 @@ def user_texts(path: Path, settings: SkillSettings, rng: random.Random) -> list[
             keys = [k for k in q.get("required_fact_keys", []) if k in by_key]
             if not keys:
                 continue
-            listed = " ".join(_sentence(by_key[k].prompt, by_key[k].answer) for k in keys)
+            listed = " ".join(fact_sentence(by_key[k].prompt, by_key[k].answer) for k in keys)
             out.append(("reason", f"Facts: {listed}\nQ: {q['question']}\nA:", f" {q['answer']}"))
     return out
 
@@ -183,7 +138,7 @@ class Tokens:
     model's own chat template."""
 
     def __init__(self, tok):
-        from engram_local.runtime import render_chat
+        from engram_local.text.chat import render_chat
 
         self.tok, self._render = tok, render_chat
         with_special = tok("a")["input_ids"]
@@ -234,8 +189,8 @@ def training_rows(em, tok, fingerprint: int, files: Sequence[Path], work_dir: Pa
     """uid -> .eov with that user's facts fitted on the frozen model `em` (`chat`: also in chat
     form; default: when `em` carries the skill adapter, as `remember` does). Cached in work_dir:
     a file whose ledger holds the same facts is reused."""
-    from engram_local.memory import remember, user_json_facts
-    from engram_local.overrides import read_memory_file
+    from engram_local.memory.facade import remember, user_json_facts
+    from engram_local.formats.eov import read_memory_file
 
     work_dir.mkdir(parents=True, exist_ok=True)
     out = {}
@@ -317,9 +272,11 @@ def train_skill(out: str | os.PathLike, model: str | os.PathLike | None = None,
     import torch
     import torch.nn.functional as F
 
-    from engram_local import lora, memory
-    from engram_local.gguf_io import open_sidecar, scan_gguf
-    from engram_local.loader import attach_tables, load_model
+    from engram_local.model import lora
+
+    from engram_local.memory import facade as memory
+    from engram_local.formats.gguf_io import open_sidecar, scan_gguf
+    from engram_local.runtime.loader import attach_tables, load_model
 
     settings = settings or SkillSettings()
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))

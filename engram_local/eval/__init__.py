@@ -1,0 +1,2 @@
+"""Evaluation: the head-to-head harness, its scorers, report, retrieval and per-user LoRA baselines.
+"""

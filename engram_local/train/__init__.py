@@ -1,0 +1,2 @@
+"""Training: the Engram retrofit, its corpus, the shared skill adapter.
+"""
