@@ -72,7 +72,7 @@ class Model:
 
         target = resolve(model)
         if isinstance(target, ModelDir):
-            from engram_local.formats.gguf_io import open_sidecar
+            from engram_local.formats.sidecar import open_sidecar
 
             self.sidecar = open_sidecar(target.engram)
         self.desc = str(target.path if isinstance(target, ModelDir) else target)
@@ -144,7 +144,7 @@ def written_hits(m: Model, path, text: str) -> int:
     import torch
 
     from engram_local.formats.eov import read_memory_file
-    from engram_local.runtime.perplexity import DOC_START_ID
+    from engram_local.text.tokens import document_start_id
 
     mf = read_memory_file(path, m.fp)
     wl = m.em.cfg.write_layer
@@ -152,9 +152,9 @@ def written_hits(m: Model, path, text: str) -> int:
         return 0
     keys = set(zip(mf.layers[wl].rows.tolist(), mf.layers[wl].keys.tolist()))
     ids = m.tok(text, add_special_tokens=False)["input_ids"]
-    hits = 0
+    hits, start = 0, document_start_id(m.tok)
     for s in range(0, len(ids), 1023):
-        x = torch.tensor([[DOC_START_ID] + ids[s:s + 1023]])
+        x = torch.tensor([[start] + ids[s:s + 1023]])
         r, k = (a[0].numpy() for a in m.em.addresses(x)[wl])
         hits += sum(bool(set(zip(r[t].tolist(), k[t].tolist())) & keys) for t in range(r.shape[0]))
     return hits

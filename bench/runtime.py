@@ -81,7 +81,7 @@ def synthetic_override_file(model_dir: Path, dest: Path, n_facts: int = 100) -> 
     import numpy as np
 
     from engram_local import native
-    from engram_local.formats.gguf_io import open_sidecar
+    from engram_local.formats.sidecar import open_sidecar
     from engram_local.runtime.llama_backend import LlamaCppBackend
     from engram_local.formats.eov import write_override_file
 
@@ -118,7 +118,7 @@ def synthetic_adapter_model_dir(model_dir: Path, work: Path, rank: int) -> Path:
     import numpy as np
 
     from engram_local import constants
-    from engram_local.formats.gguf_io import scan_gguf
+    from engram_local.formats.header import scan_gguf
 
     out = work / "model-with-adapter"
     out.mkdir()

@@ -19,7 +19,7 @@ from pathlib import Path
 from engram_local import constants
 from engram_local.model.checkpoint import DEFAULT_CHECKPOINT
 from engram_local.convert import convert_checkpoint
-from engram_local.formats.gguf_io import open_sidecar
+from engram_local.formats.sidecar import open_sidecar
 from engram_local.runtime.loader import load_model
 from engram_local.runtime.perplexity import bits_per_byte
 

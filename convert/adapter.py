@@ -97,6 +97,10 @@ def write_lora_adapter(adapter_dir: Path, arch: BackboneArch, hf_config: dict, d
     write_gguf(writer, dest)
 
 
+# Storage of a folded weight whose backbone weight was quantized (merge_lora_into_backbone).
+FOLDED_QTYPE = "q5_1"
+
+
 def merge_lora_into_backbone(backbone: Path, adapter: Path, dest: Path, qtype: str | None = None) -> None:
     """Write `dest`: the backbone GGUF with the LoRA adapter GGUF folded into its weights.
 
@@ -112,7 +116,10 @@ def merge_lora_into_backbone(backbone: Path, adapter: Path, dest: Path, qtype: s
     the torch backend; Q8_0 keeps the text but reads 7 MB more per token (~7 % slower on an idle
     machine, like the LoRA path); F16 is slower still.
     """
-    from engram_local.formats.gguf_io import read_lora_adapter
+    import torch
+
+    from engram_local.formats.lora_adapter import read_lora_adapter
+    from engram_local.model.lora import merge_into
 
     lora = read_lora_adapter(adapter)
     reader = gguf.GGUFReader(str(backbone))
@@ -138,14 +145,14 @@ def merge_lora_into_backbone(backbone: Path, adapter: Path, dest: Path, qtype: s
                 w = np.asarray(t.data, dtype=np.float32)
             else:
                 w = gguf.quants.dequantize(t.data, qtype_of).astype(np.float32)
-            w = w.reshape(b.shape[0], a.shape[1])                   # (out, in), numpy order
-            w = w + lora.scale(t.name) * (b.astype(np.float64) @ a.astype(np.float64)).astype(np.float32)
+            w = np.array(w.reshape(b.shape[0], a.shape[1]), np.float32)    # (out, in), a writable copy
+            merge_into(torch.from_numpy(w), torch.from_numpy(a), torch.from_numpy(b), lora.scale(t.name))
             if qtype:
                 out = gguf.GGMLQuantizationType[qtype.upper()]
             elif qtype_of in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
                 out = qtype_of
             else:
-                out = gguf.GGMLQuantizationType.Q8_0
+                out = gguf.GGMLQuantizationType[FOLDED_QTYPE.upper()]
             if out == gguf.GGMLQuantizationType.F16:
                 writer.add_tensor(t.name, w.astype(np.float16))
             elif out == gguf.GGMLQuantizationType.F32:

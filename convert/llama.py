@@ -15,6 +15,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from engram_local.text.tokens import adds_bos, adds_eos
+
 from .registry import BackboneArch, register
 from .tensors import QTYPES, StreamedTensor, add_matrix, write_gguf
 
@@ -229,12 +231,7 @@ class Llama(BackboneArch):
         if not special.merges:
             raise ValueError(f"{src}: tokenizer.json has no BPE merges")
         # Whether BOS/EOS are added is what the HF tokenizer does, whatever its config files say.
-        with_special = tok("a")["input_ids"]
-        plain = tok("a", add_special_tokens=False)["input_ids"]
-        extra = len(with_special) - len(plain)
-        special.add_special_token = {
-            "bos": extra > 0 and tok.bos_token_id is not None and with_special[0] == tok.bos_token_id,
-            "eos": extra > 0 and tok.eos_token_id is not None and with_special[-1] == tok.eos_token_id}
+        special.add_special_token = {"bos": adds_bos(tok), "eos": adds_eos(tok)}
         if special.chat_template is None and getattr(tok, "chat_template", None):
             special.chat_template = tok.chat_template
         special.add_to_gguf(w, quiet=True)

@@ -1,7 +1,9 @@
 """Engram checkpoint -> MODEL_DIR, and the default MODEL_DIR built from the shipped pieces.
 
 A MODEL_DIR holds `backbone.gguf` (stock llama.cpp architecture), `engram.gguf` (the sidecar)
-and, when the checkpoint has a skill adapter, `adapter.gguf` (llama.cpp LoRA). It is assembled
+and, when the checkpoint has a skill adapter, `adapter.gguf` (llama.cpp LoRA) and
+`backbone-skill.gguf` (the backbone with the adapter folded in: the skill-on model of every
+backend; quantized weights re-quantized as Q5_1, convert.adapter.FOLDED_QTYPE). It is assembled
 in a temporary directory beside the destination, checked, and only then moved into place, so
 an interrupted conversion never leaves a half-written model behind.
 """
@@ -105,7 +107,7 @@ def convert_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *,
     backbone is used as it is, so outtype must then be None.
     """
     from engram_local.model import checkpoint
-    from engram_local.formats.gguf_io import ArraySummary, scan_gguf
+    from engram_local.formats.header import ArraySummary, scan_gguf
     from engram_local.model.engram import read_engram_config
 
     src, out_dir = Path(src), Path(out_dir)
@@ -180,6 +182,48 @@ def convert_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *,
     return out_dir
 
 
+SKILL_DIR_SOURCE = "engram-local-skill-source.json"   # in a skill_model_dir: what it was made from
+
+
+def skill_model_dir(model_dir: str | os.PathLike, adapter: str | os.PathLike, dest: str | os.PathLike,
+                    log: Log = _stderr) -> Path:
+    """`dest`: the MODEL_DIR `model_dir` with `adapter` (a llama.cpp LoRA GGUF) as its skill
+    adapter, laid out as `convert` lays one out: backbone.gguf and engram.gguf linked (or copied;
+    the sidecar's fingerprint, and so every user's .eov, stays valid), adapter.gguf copied and
+    folded into backbone-skill.gguf by merge_lora_into_backbone. Any consumer then runs the
+    adapter exactly as `run` runs a MODEL_DIR's own (e.g. `eval head-to-head --adapter FILE`).
+    Reused while its sources (path, size, mtime) and the layout version are unchanged."""
+    src = Path(model_dir)
+    files = {constants.MODEL_DIR_BACKBONE: (src / constants.MODEL_DIR_BACKBONE).resolve(),
+             constants.MODEL_DIR_ENGRAM: (src / constants.MODEL_DIR_ENGRAM).resolve(),
+             constants.MODEL_DIR_ADAPTER: Path(adapter).resolve()}
+    source = {"layout": constants.MODEL_DIR_LAYOUT_VERSION,
+              "files": {name: [str(f), f.stat().st_size, f.stat().st_mtime_ns] for name, f in files.items()}}
+    dest = Path(dest)
+    marker = dest / SKILL_DIR_SOURCE
+    try:
+        if json.loads(marker.read_text()) == source and (dest / constants.MODEL_DIR_SKILL_BACKBONE).is_file():
+            return dest
+    except (OSError, ValueError):
+        pass
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    work = dest.with_name(f".{dest.name}.{os.getpid()}.partial")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    try:
+        _link_or_copy(files[constants.MODEL_DIR_BACKBONE], work / constants.MODEL_DIR_BACKBONE)
+        _link_or_copy(files[constants.MODEL_DIR_ENGRAM], work / constants.MODEL_DIR_ENGRAM)
+        shutil.copyfile(files[constants.MODEL_DIR_ADAPTER], work / constants.MODEL_DIR_ADAPTER)
+        log(f"adapter:  {files[constants.MODEL_DIR_ADAPTER]} folded into {dest / constants.MODEL_DIR_SKILL_BACKBONE}")
+        merge_lora_into_backbone(work / constants.MODEL_DIR_BACKBONE, work / constants.MODEL_DIR_ADAPTER,
+                                 work / constants.MODEL_DIR_SKILL_BACKBONE)
+        (work / SKILL_DIR_SOURCE).write_text(json.dumps(source) + "\n")
+        _replace_dir(work, dest)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return dest
+
+
 def _replace_dir(new: Path, dest: Path):
     """Move the finished directory `new` to `dest`, replacing what was there."""
     old = dest.with_name(f".{dest.name}.{os.getpid()}.old")
@@ -193,7 +237,7 @@ def _replace_dir(new: Path, dest: Path):
 
 def default_model_is_current(model_dir: Path, digest: str) -> bool:
     """Whether `model_dir` was built from exactly the current default sources."""
-    from engram_local.formats.gguf_io import GGUFFormatError, scan_gguf
+    from engram_local.formats.header import GGUFFormatError, scan_gguf
 
     if not (model_dir / constants.MODEL_DIR_BACKBONE).is_file():
         return False

@@ -120,7 +120,7 @@ def write_sidecar(checkpoint_dir: Path, dest: Path, *, table_type: str, backbone
 
 def _patch_fingerprint(path: Path) -> int:
     """Validate the complete file, hash it and write the fingerprint into its header."""
-    from engram_local.formats.gguf_io import open_sidecar
+    from engram_local.formats.sidecar import open_sidecar
 
     sidecar = open_sidecar(path)
     try:

@@ -72,8 +72,10 @@ SIDECAR_ALIGNMENT = 4096
 MODEL_DIR_BACKBONE = "backbone.gguf"            # stock llama.cpp architecture + tokenizer
 MODEL_DIR_ENGRAM = "engram.gguf"                # Engram sidecar
 MODEL_DIR_ADAPTER = "adapter.gguf"              # skill adapter (llama.cpp LoRA), optional
-MODEL_DIR_SKILL_BACKBONE = "backbone-skill.gguf"  # the backbone with the adapter folded in (decode speed)
-MODEL_DIR_LAYOUT_VERSION = 2                    # what a MODEL_DIR holds (2: + backbone-skill.gguf);
+MODEL_DIR_SKILL_BACKBONE = "backbone-skill.gguf"  # the backbone with the adapter folded in: the skill-on
+                                                # model of every backend and consumer
+MODEL_DIR_LAYOUT_VERSION = 3                    # what a MODEL_DIR holds (2: + backbone-skill.gguf;
+                                                # 3: its folded q/k/v stored as Q5_1, not Q8_0);
                                                 # part of the default model's digest: a change rebuilds it
 # Engram checkpoint directory: the skill adapter, when present, as a PEFT LoRA directory.
 CHECKPOINT_ADAPTER_DIR = "adapter"

@@ -356,7 +356,8 @@ int32_t ek_runtime_init(ek_runtime *rt) {
     if (rt->map_len < 1 || rt->n_ctx < 1) return fail(rt, EK_ERR_ARG, "empty canonical map or context");
     if (!mul_ok(rt->n_ctx, D, &xs_need) || !mul_ok(xs_need, rt->n_layers, &xs_need))
         return fail(rt, EK_ERR_CAPACITY, "context too large");
-    if (rt->cap_i64 < need_i || rt->cap_f32 < need_f || !rt->scratch_i64 || !rt->scratch_f32)
+    if (!rt->scratch_i64 || !rt->scratch_f32) return fail(rt, EK_ERR_NULL, "scratch buffer missing");
+    if (rt->cap_i64 < need_i || rt->cap_f32 < need_f)
         return fail(rt, EK_ERR_CAPACITY, "scratch too small: need %lld int64 and %lld float",
                     (long long)need_i, (long long)need_f);
     rt->n_calls = 0;

@@ -120,7 +120,7 @@ def _write_peft_adapter(directory: Path, cfg) -> None:
 def synthetic_overrides(model_dir: Path, path: Path, prompt_ids: list[int], layer: int, *, scale=3.0,
                         seed=0, keyed=True) -> dict:
     """Write an .eov whose rows replace the rows `prompt_ids` hit at `layer`; returns the rows."""
-    from engram_local.formats.gguf_io import open_sidecar
+    from engram_local.formats.sidecar import open_sidecar
     from engram_local.native.hashing import hash_ids
     from engram_local import native
     from engram_local.formats.eov import write_override_file

@@ -1,4 +1,8 @@
-"""The C tests of the kernel (native/tests/test_engram.c) under AddressSanitizer + UBSan.
+"""The C tests of the kernel under AddressSanitizer + UBSan: both ctest executables,
+native/tests/test_engram.c (canonical ids, hashing, dequantization, overrides) and
+native/tests/test_runtime.c (ek_engram_forward against a plain-loop reference, the ek_runtime
+begin/commit/abort/truncate/reset state, ek_eval_callback through fake ggml entry points).
+"100% tests passed" in ctest's summary covers both.
 
 Runs the sequence documented in docs/native.md in a temporary build directory:
   cmake -S . -B build-asan -DENGRAM_BUILD_TESTS=ON -DENGRAM_SANITIZE=ON
@@ -32,3 +36,4 @@ def test_c_tests_pass_under_sanitizers(tmp_path):
     run(["cmake", "--build", build])
     out = run(["ctest", "--test-dir", build, "--output-on-failure"])
     assert "100% tests passed" in out
+    assert "test_engram" in out and "test_runtime" in out, out

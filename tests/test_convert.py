@@ -21,7 +21,9 @@ import torch
 from click.testing import CliRunner
 
 from engram_local import constants
-from engram_local.formats.gguf_io import GGUFFormatError, open_sidecar, read_lora_adapter, scan_gguf
+from engram_local.formats.header import GGUFFormatError, scan_gguf
+from engram_local.formats.lora_adapter import read_lora_adapter
+from engram_local.formats.sidecar import open_sidecar
 
 CHAT_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
                  " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from engram_local.train import corpus as C
+from engram_local.train import corpus_fetch as F
+from engram_local.train import corpus_sources as S
 from engram_local.train import corpus_text as T
 
 
@@ -95,7 +97,7 @@ def test_parse_wikipedia_skips_redirects_and_short_pages():
   <page><title>Tiny</title><ns>0</ns><revision><id>10</id><text>Too short to keep here.</text></revision></page>
   <page><title>Thing (disambiguation)</title><ns>0</ns><revision><id>11</id><text>{body}</text></revision></page>
 </mediawiki>""".encode()
-    docs, attribution = C.parse_wikipedia(xml)
+    docs, attribution = S.parse_wikipedia(xml)
     assert [d.doc_id for d in docs] == ["Real"]
     assert docs[0].paragraphs[0] == "Real" and docs[0].paragraphs[1].startswith("Real article. Word")
     assert attribution == [{"title": "Real", "revision_id": "7", "timestamp": "2016-01-02T00:00:00Z"}]
@@ -155,18 +157,18 @@ def _paras(n: int, size: int = 100, tag: str = "p") -> list[str]:
 
 def test_chunk_paragraphs_bounds_order_and_boundaries():
     paras = _paras(50) + ["CHAPTER 2"] + _paras(5, tag="q") + ["word. " * 300]
-    chunks = T.chunk_paragraphs(paras, max_chars=1000, boundary=C._CHAPTER)
-    body = [[p for p in c if not C._CHAPTER.match(p)] for c in chunks]
+    chunks = T.chunk_paragraphs(paras, max_chars=1000, boundary=S._CHAPTER)
+    body = [[p for p in c if not S._CHAPTER.match(p)] for c in chunks]
     assert all(len("\n".join(c)) <= 1000 for c in body)       # leading headings come on top
     flat = [p for c in chunks for p in c]
     assert flat[:56] == paras[:56]                            # order kept, nothing lost
     assert "".join(flat[56:]).replace(" ", "") == paras[56].replace(" ", "")  # long one split
     assert any(c[0] == "CHAPTER 2" for c in chunks)           # chapter starts a chunk
     heads = T.chunk_paragraphs(["VOLUME I", "CHAPTER I", "Text.", "CHAPTER II", "More."],
-                               boundary=C._CHAPTER)
+                               boundary=S._CHAPTER)
     assert heads == [["VOLUME I", "CHAPTER I", "Text."], ["CHAPTER II", "More."]]
     long_first = T.chunk_paragraphs(["CHAPTER I", "y" * 1000, "z" * 10], max_chars=1000,
-                                    boundary=C._CHAPTER)
+                                    boundary=S._CHAPTER)
     assert long_first == [["CHAPTER I", "y" * 1000], ["z" * 10]]   # no orphan heading
 
 
@@ -209,13 +211,13 @@ def test_interleave_and_format_documents():
 
 # --------------------------------------------------------------------------- formats
 def test_dictd_index_and_entries():
-    assert C.dictd_b64("A") == 0 and C.dictd_b64("b") == 27 and C.dictd_b64("BA") == 64
+    assert S.dictd_b64("A") == 0 and S.dictd_b64("b") == 27 and S.dictd_b64("BA") == 64
     data = b"HEADER....ABASE, n. Low.\nABATIS, n. Rubbish.\n"
     index = ("00databaseinfo\tA\tK\n"
              "abatis\tZ\tU\n"            # offset 25, length 20
              "abase\tK\tP\n"             # offset 10, length 15
              "abatis-alias\tZ\tU\n")     # same entry twice: kept once
-    assert C.parse_dictd(index, data) == [("abase", "ABASE, n. Low.\n"),   # file order
+    assert S.parse_dictd(index, data) == [("abase", "ABASE, n. Low.\n"),   # file order
                                           ("abatis", "ABATIS, n. Rubbish.\n")]
 
 
@@ -230,25 +232,25 @@ def test_read_r_lazyload_roundtrip(tmp_path: Path):
     rdata.write_rds(tmp_path / "Rdata.rdx", {
         "variables": {"emma": np.array([0, len(record)], dtype=np.int32)},
         "references": {}, "compressed": np.array([True])})
-    out = C.read_r_lazyload(tmp_path / "Rdata.rdx", tmp_path / "Rdata.rdb")
+    out = S.read_r_lazyload(tmp_path / "Rdata.rdx", tmp_path / "Rdata.rdb")
     assert list(out) == ["emma"] and [str(x) for x in out["emma"]] == list(lines)
 
 
 # --------------------------------------------------------------------------- licenses and manifest
 def test_quote_lines():
     text = "\ufeffHeader\nLicense: MIT\nThe text is in the public domain, its\ncopyright has expired.\n"
-    assert C.quote_lines(text, [r"^License:", (r"public domain", 2)], "x") == [
+    assert S.quote_lines(text, [r"^License:", (r"public domain", 2)], "x") == [
         "License: MIT", "The text is in the public domain, its copyright has expired."]
     with pytest.raises(C.CorpusBuildError, match="license check failed"):
-        C.quote_lines(text, [r"GPL"], "x")
+        S.quote_lines(text, [r"GPL"], "x")
 
 
 def _fake_sources():
-    book = C._Source("book", "A book", "public domain", "train", "tail",
+    book = S.Source("book", "A book", "public domain", "train", "tail",
                      {"type": "debian", "name": "pkg", "version": "1.0-1"}, ["f"],
                      "Public domain.", [{"file": "copyright", "lines": ["public domain"]}],
                      [T.Document("book", "B", _paras(100))], {"f": "0" * 64})
-    ood = C._Source("ood", "Other", "PSF-2.0", "ood", "none",
+    ood = S.Source("ood", "Other", "PSF-2.0", "ood", "none",
                     {"type": "debian", "name": "doc", "version": "2"}, ["g"], "PSF.",
                     [{"file": "copyright", "lines": ["PSF"]}], [T.Document("ood", "O", _paras(5))])
     return book, ood
@@ -293,17 +295,17 @@ def test_download_deb_runs_apt_update_when_lists_are_missing(tmp_path, monkeypat
         (tmp_path / "dict-devil_1.0-13.1_all.deb").write_bytes(b"deb")
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
-    monkeypatch.setattr(C, "_run", fake_run)
-    monkeypatch.setattr(C.shutil, "which", lambda name: "/usr/bin/" + name)
-    monkeypatch.setattr(C, "_deb_fields", lambda p: {"Package": "dict-devil", "Version": "1.0-13.1",
+    monkeypatch.setattr(F, "_run", fake_run)
+    monkeypatch.setattr(F.shutil, "which", lambda name: "/usr/bin/" + name)
+    monkeypatch.setattr(F, "_deb_fields", lambda p: {"Package": "dict-devil", "Version": "1.0-13.1",
                                                      "Architecture": "all"})
-    got = C._download_deb(C.DEB_DICT_DEVIL, tmp_path, lambda m: None)
+    got = F._download_deb(F.DEB_DICT_DEVIL, tmp_path, lambda m: None)
     assert got.name == "dict-devil_1.0-13.1_all.deb"
     kinds = [c[c.index("download") if "download" in c else c.index("update")] for c in calls]
     assert kinds == ["download", "update", "download"]
     assert calls[0][-1] == "dict-devil=1.0-13.1"
     calls.clear()
-    assert C._download_deb(C.DEB_DICT_DEVIL, tmp_path, lambda m: None) == got   # cached
+    assert F._download_deb(F.DEB_DICT_DEVIL, tmp_path, lambda m: None) == got   # cached
     assert calls == []
 
 
@@ -320,11 +322,11 @@ def test_download_deb_falls_back_to_candidate_version(tmp_path, monkeypatch):
         (tmp_path / "dict-devil_1.0-14_all.deb").write_bytes(b"deb")
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
-    monkeypatch.setattr(C, "_run", fake_run)
-    monkeypatch.setattr(C.shutil, "which", lambda name: "/usr/bin/" + name)
-    monkeypatch.setattr(C, "_deb_fields", lambda p: {
+    monkeypatch.setattr(F, "_run", fake_run)
+    monkeypatch.setattr(F.shutil, "which", lambda name: "/usr/bin/" + name)
+    monkeypatch.setattr(F, "_deb_fields", lambda p: {
         "Package": "dict-devil", "Version": p.name.split("_")[1], "Architecture": "all"})
-    got = C._download_deb(C.DEB_DICT_DEVIL, tmp_path, logs.append)
+    got = F._download_deb(F.DEB_DICT_DEVIL, tmp_path, logs.append)
     assert got.name == "dict-devil_1.0-14_all.deb"
     assert calls == ["dict-devil=1.0-13.1", "update", "dict-devil=1.0-13.1", "dict-devil"]
     assert any("WARNING" in m and "1.0-14" in m for m in logs)
@@ -334,25 +336,25 @@ def test_download_deb_failure_names_package_and_command(tmp_path, monkeypatch):
     def fake_run(cmd, *, cwd=None):
         return subprocess.CompletedProcess(cmd, 100, "", "E: Failed to fetch http://mirror/x 404")
 
-    monkeypatch.setattr(C, "_run", fake_run)
-    monkeypatch.setattr(C.shutil, "which", lambda name: "/usr/bin/" + name)
+    monkeypatch.setattr(F, "_run", fake_run)
+    monkeypatch.setattr(F.shutil, "which", lambda name: "/usr/bin/" + name)
     with pytest.raises(C.CorpusBuildError) as e:
-        C._download_deb(C.DEB_JANEAUSTENR, tmp_path, lambda m: None)
+        F._download_deb(F.DEB_JANEAUSTENR, tmp_path, lambda m: None)
     msg = str(e.value)
     assert "r-cran-janeaustenr" in msg and "apt-get" in msg and "download" in msg and "404" in msg
 
 
 def test_download_deb_without_apt(tmp_path, monkeypatch):
-    monkeypatch.setattr(C.shutil, "which", lambda name: None)
+    monkeypatch.setattr(F.shutil, "which", lambda name: None)
     with pytest.raises(C.CorpusBuildError, match="apt-get is not available"):
-        C._download_deb(C.DEB_DICT_DEVIL, tmp_path, lambda m: None)
+        F._download_deb(F.DEB_DICT_DEVIL, tmp_path, lambda m: None)
 
 
 # --------------------------------------------------------------------------- the real thing
 @pytest.mark.slow
 def test_build_corpus_real_is_deterministic(tmp_path):
     """Downloads the packages (apt-get download, pip download) and builds twice."""
-    if C.shutil.which("apt-get") is None or C.shutil.which("dpkg-deb") is None:
+    if F.shutil.which("apt-get") is None or F.shutil.which("dpkg-deb") is None:
         pytest.skip("needs apt-get and dpkg-deb")
     pytest.importorskip("rdata")
     cache = tmp_path / "cache"

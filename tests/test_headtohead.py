@@ -265,7 +265,7 @@ def test_report_formats_every_condition():
 
 def test_user_lora_trains_saves_and_caches(md, tmp_path):
     from engram_local.model import lora
-    from engram_local.formats.gguf_io import read_lora_adapter
+    from engram_local.formats.lora_adapter import read_lora_adapter
     from engram_local.runtime.loader import load_model
     from engram_local.memory.facade import user_json_facts
     from engram_local.eval.user_lora import UserLoRASettings, user_lora

@@ -49,17 +49,15 @@ def test_suffix_forward_equals_full_forward_through_the_kernel(model):
     f = Fitter(em, tok, FitSettings())
     items = f.items_for([FactIn("a", ["w30 w31 w32 my name is"], "krause dr w40"),
                          FactIn("b", ["w33 the doctor is"], "dr krause w41 w42")])
-    f._capture(items)
+    f.model.capture(items)
     entries = {}
     for it in items[:2]:
         for t in it.tpos[1:]:
             for c in f.hi_cols[:3]:
                 entries.setdefault((int(it.rows[t, c]), int(it.keys[t, c])), len(entries))
     vals = np.random.default_rng(0).standard_normal((len(entries), em.cfg.head_dim)).astype(np.float32) * 5
-    f._index(items, entries)
-    for it in items:
-        it.cs = f._conv_state(it)
-    got = f._forward(f._batch(items, list(range(len(items)))), torch.from_numpy(vals))
+    f.batches.restage(items, entries)
+    got = f.model.forward(f.batches.batch(items, list(range(len(items)))), torch.from_numpy(vals))
     ov = OverrideSet.build(np.array([k[0] for k in entries]), vals, np.array([k[1] for k in entries]))
     k = 0
     for it in items:

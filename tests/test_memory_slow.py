@@ -25,7 +25,7 @@ def test_u000_recall_locality_forget(default_model, tmp_path):
 
     from engram_local.memory import facade as memory
     from engram_local.runtime.loader import attach_tables, default_model_dir
-    from engram_local.formats.gguf_io import open_sidecar
+    from engram_local.formats.sidecar import open_sidecar
     from engram_local.runtime.perplexity import bits_per_byte
     from engram_local.memory.writer import answer_tokens
 

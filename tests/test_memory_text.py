@@ -87,3 +87,70 @@ def test_user_json_matches_the_checks_rule():
     assert (doctor.prompt, doctor.answer) == ("My primary doctor is", "Dr. Krause")
     commute = next(f for f in facts if f.id == "commute_min")
     assert commute.prompt == "My commute min is"      # no paraphrase ends with "20": fallback
+
+
+# --------------------------------------------------------------------------- token and chat rules
+
+# words the tiny tokenizer knows, so every rendered piece is one token
+_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %} w100 {{ m['content'] }}"
+             "<|im_end|>{% else %} {{ m['content'] }} <|im_end|>{% endif %}{% endfor %}"
+             "{% if add_generation_prompt %} w100 {% endif %}")
+
+
+def _tiny_tok(adds_bos: bool):
+    from tokenizers import processors
+
+    from tests.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    tok.add_special_tokens({"bos_token": "<|im_start|>", "additional_special_tokens": ["<|im_end|>"]})
+    if adds_bos:
+        tok._tokenizer.post_processor = processors.TemplateProcessing(
+            single="<|im_start|> $A", special_tokens=[("<|im_start|>", tok.bos_token_id)])
+    return tok
+
+
+def _vocab(tok, template=_TEMPLATE):
+    import dataclasses
+
+    from engram_local.text.chat import ChatVocab
+
+    return dataclasses.replace(ChatVocab.of(tok), template=template)
+
+
+def test_token_rules_are_read_from_the_tokenizer():
+    from engram_local.text import tokens
+
+    plain, bos = _tiny_tok(False), _tiny_tok(True)
+    end, start, im_end = (plain.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"))
+    assert not tokens.adds_bos(plain) and tokens.adds_bos(bos) and not tokens.adds_eos(bos)
+    assert tokens.sequence_start(plain) == [] and tokens.sequence_start(bos) == [start]
+    assert tokens.document_start_id(plain) == end          # <|endoftext|> (SmolLM2's id 0)
+    assert tokens.document_start_id(bos) == start          # BOS where the tokenizer adds one
+    assert tokens.end_of_turn(plain) == "<|im_end|>" and tokens.pad_id(plain) == plain.eos_token_id
+    assert {end, im_end} <= tokens.eog_ids(plain)
+    assert tokens.tokenize(bos, "w30", True) == [start, 30] and tokens.encode(bos, "w30") == [30]
+    assert tokens.bos_needed("w30", "<|im_start|>", True)
+    assert not tokens.bos_needed("<|im_start|> w30", "<|im_start|>", True)
+    assert not tokens.bos_needed("w30", "<|im_start|>", False)
+
+
+@pytest.mark.parametrize("adds_bos", [False, True])
+@pytest.mark.parametrize("writes_bos", [False, True])
+def test_render_conversation_bos_once_and_the_reply_masked(adds_bos, writes_bos):
+    from engram_local.text.chat import encode_rendered, render_conversation
+
+    tok = _tiny_tok(adds_bos)
+    vocab = _vocab(tok, _TEMPLATE if writes_bos else _TEMPLATE.removeprefix("{{ bos_token }}"))
+    start, im_end = tok.bos_token_id, tok.convert_tokens_to_ids("<|im_end|>")
+    user = [{"role": "user", "content": "w30"}]
+    prompt, pmask = render_conversation(vocab, user)
+    assert prompt == encode_rendered(vocab, vocab.render(user)) and set(pmask) == {0}
+    assert prompt == ([start] if (adds_bos or writes_bos) else []) + [30, im_end, 100]   # BOS at most once
+    turn = user + [{"role": "assistant", "content": "w40 w41"}]
+    ids, mask = render_conversation(vocab, turn)
+    assert ids == prompt + [40, 41, im_end] and mask == pmask + [1, 1, 1]
+    open_ids, open_mask = render_conversation(vocab, turn, reply_open=True)
+    assert open_ids == prompt + [40, 41] and open_mask == pmask + [1, 1]
+    more, more_mask = render_conversation(vocab, turn + [{"role": "user", "content": "w50"}])
+    assert more[:len(ids)] == ids and more[len(ids):] == [50, im_end, 100] and more_mask[len(ids):] == [0, 0, 0]

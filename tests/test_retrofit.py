@@ -86,3 +86,49 @@ def test_batch_starts_cover_windows_and_reject_tiny_corpus():
     assert len(set(st[:24].reshape(-1).tolist())) == 96   # first epoch: distinct windows
     with pytest.raises(ValueError, match="corpus too small"):
         batch_starts(20, 10, 4, 1, seed=0)
+
+
+# --------------------------------------------------------------------------- the shared loop (train/trainer.py)
+
+def test_collate_right_pads_ids_labels_and_mask():
+    from engram_local.train.trainer import IGNORE, collate
+
+    ids, labels, mask = collate([([5, 6, 7], [IGNORE, 6, 7]), ([8], [8])], pad=0)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert labels.tolist() == [[IGNORE, 6, 7], [8, IGNORE, IGNORE]]
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    with pytest.raises(ValueError, match="labels"):
+        collate([([1, 2], [1])], pad=0)
+
+
+def test_train_schedule_stop_hooks_and_resumable_state(tmp_path):
+    import itertools
+
+    from engram_local.train.trainer import TrainState, load_state, save_state, train
+
+    w = torch.nn.Parameter(torch.tensor([4.0]))
+    opt = torch.optim.SGD([w], lr=0.5)
+    lrs, seen, saved = [], [], []
+
+    def loss(model, batch):
+        lrs.append(opt.param_groups[0]["lr"])
+        return ((model * batch) ** 2).sum(), {"w": float(model.detach())}
+
+    st = train(w, opt, itertools.repeat(torch.tensor([1.0])), loss, 4, schedule=lambda s: 1 / (s + 1),
+               on_step=lambda s, info: seen.append(s.step),
+               checkpoint=lambda s: saved.append(s.step), checkpoint_every=3)
+    assert st.step == 4 and len(st.history) == 4 and seen == [1, 2, 3, 4] and saved == [3, 4]
+    assert lrs == [0.5, 0.25, 0.5 / 3, 0.125]
+    assert st.history[1] < st.history[0]
+    # stop: asked after each loss, before its update; the last loss stays in the history
+    st2 = train(w, opt, itertools.repeat(torch.tensor([1.0])), loss, 10,
+                stop=lambda s, info: s.step == 2)
+    assert st2.step == 2 and len(st2.history) == 3
+    # the optimizer and the state round-trip; other settings are refused
+    save_state(tmp_path / "s.pt", opt, st, {"a": 1})
+    opt2 = torch.optim.SGD([w], lr=0.1)
+    back = load_state(tmp_path / "s.pt", opt2, {"a": 1})
+    assert isinstance(back, TrainState) and (back.step, back.history) == (st.step, st.history)
+    assert opt2.param_groups[0]["base_lr"] == 0.5
+    with pytest.raises(ValueError, match="different settings"):
+        load_state(tmp_path / "s.pt", opt2, {"a": 2})

@@ -16,7 +16,7 @@ import pytest
 llama_cpp = pytest.importorskip("llama_cpp")
 
 from engram_local.runtime import llama_backend
-from engram_local.formats.gguf_io import open_sidecar  # noqa: E402
+from engram_local.formats.sidecar import open_sidecar  # noqa: E402
 from engram_local.runtime.session import RunError, Session  # noqa: E402
 from engram_local.runtime.sampling import Sampler  # noqa: E402
 from tests.runtime_fixtures import shared_model_dir, synthetic_overrides  # noqa: E402

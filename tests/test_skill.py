@@ -141,7 +141,7 @@ def test_user_files_errors(tmp_path):
 
 def test_train_skill_writes_a_llama_cpp_adapter_that_matches_torch(md, users_dir, tmp_path):
     pytest.importorskip("llama_cpp")
-    from engram_local.formats.gguf_io import read_lora_adapter
+    from engram_local.formats.lora_adapter import read_lora_adapter
     from engram_local.runtime.session import Session
 
     s = SkillSettings(steps=4, batch=3, lr=5e-3)
@@ -184,7 +184,7 @@ def test_adapter_folded_into_the_backbone(tmp_path_factory, tmp_path):
     import gguf
 
     from engram_local.convert.adapter import merge_lora_into_backbone
-    from engram_local.formats.gguf_io import read_lora_adapter
+    from engram_local.formats.lora_adapter import read_lora_adapter
 
     md = shared_model_dir(tmp_path_factory, "model", adapter=True)
     assert (md / "backbone-skill.gguf").is_file()          # convert writes it beside adapter.gguf

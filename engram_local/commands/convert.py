@@ -43,7 +43,8 @@ def convert(src, out_dir, table_type, outtype, force):
       backbone-skill.gguf  the backbone with the adapter folded in (what run decodes with)
     """
     from engram_local.convert import convert_checkpoint
-    from engram_local.formats.gguf_io import describe_sidecar, open_sidecar
+    from engram_local.formats.describe import describe_sidecar
+    from engram_local.formats.sidecar import open_sidecar
     from engram_local.runtime.loader import ModelDir
 
     try:
@@ -81,15 +82,17 @@ def inspect(path, as_json, verify):
 
 
 def _inspect(path: str | None, verify: bool) -> dict:
-    from engram_local.formats import gguf_io
+    from engram_local.formats import describe
+    from engram_local.formats.header import file_kind, scan_gguf
+    from engram_local.formats.sidecar import open_sidecar
     from engram_local.model.checkpoint import is_checkpoint
     from engram_local.runtime.loader import ModelDir, ensure_default_model, is_model_dir
 
     def sidecar_info(file: Path) -> dict:
-        sidecar = gguf_io.open_sidecar(file)
+        sidecar = open_sidecar(file)
         if verify:
             sidecar.verify_fingerprint()
-        return gguf_io.describe_sidecar(sidecar)
+        return describe.describe_sidecar(sidecar)
 
     if path is None or Path(path).is_dir():
         if path is not None and not is_model_dir(path):
@@ -98,21 +101,21 @@ def _inspect(path: str | None, verify: bool) -> dict:
             raise FileNotFoundError(f"{path}: not a MODEL_DIR{hint}")
         md = ensure_default_model() if path is None else ModelDir.at(path)
         engram = sidecar_info(md.engram)
-        backbone = gguf_io.describe_backbone(gguf_io.scan_gguf(md.backbone))
-        adapter = gguf_io.describe_adapter(gguf_io.scan_gguf(md.adapter)) if md.adapter else None
+        backbone = describe.describe_backbone(scan_gguf(md.backbone))
+        adapter = describe.describe_adapter(scan_gguf(md.adapter)) if md.adapter else None
         return {"kind": "model_dir", **md.as_dict(), "fingerprint": engram["fingerprint"],
                 "backbone_info": backbone, "engram_info": engram, "adapter_info": adapter}
 
     file = Path(path).resolve()
-    header = gguf_io.scan_gguf(file)
-    kind = gguf_io.file_kind(header)
+    header = scan_gguf(file)
+    kind = file_kind(header)
     if kind == "engram":
         return {"kind": kind, **sidecar_info(file)}
     if kind == "overrides":
-        return {"kind": kind, **gguf_io.describe_overrides(file)}
+        return {"kind": kind, **describe.describe_overrides(file)}
     if kind == "adapter":
-        return {"kind": kind, **gguf_io.describe_adapter(header)}
-    return {"kind": kind, **gguf_io.describe_backbone(header)}
+        return {"kind": kind, **describe.describe_adapter(header)}
+    return {"kind": kind, **describe.describe_backbone(header)}
 
 
 def _size(n: int) -> str:

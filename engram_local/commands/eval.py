@@ -97,6 +97,12 @@ def head_to_head(model, users, more_users, conditions, json_out, report_out, plo
         raise click.BadParameter(str(e), param_hint="--conditions")
     if lora_steps is not None:
         s.lora.max_steps = lora_steps
+    if plot_out or report_out or json_out:   # a plot goes next to them: check before an hour of work
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise click.ClickException("the plot needs matplotlib, an evaluation extra: "
+                                       "pip install 'engram-local[eval]'")
     command = _command_line(click.get_current_context(), paths)
     try:
         results = run_h2h(paths, model=model, work_dir=work_dir, text=text_file, adapter=adapter, settings=s,

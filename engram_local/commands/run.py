@@ -200,7 +200,46 @@ def _jsonl(session, sampler, n_predict, lines, path, total, ignore_eos=False, ch
 
 # --------------------------------------------------------------------------- the chat REPL
 
+def _take_ctrl_c():
+    """Make Ctrl-C (SIGINT) raise KeyboardInterrupt while the chat runs, even when this process
+    inherited SIGINT ignored; returns the handler to put back (None: nothing changed).
+
+    Python installs its KeyboardInterrupt handler at start-up only when SIGINT has the default
+    disposition. A process started with SIGINT ignored - a background job of a non-interactive
+    shell (`sh -c 'cmd &'`) and everything started under it, e.g. a test suite run that way -
+    keeps ignoring it, and Ctrl-C would then not stop a reply: generation ran on to -n. In the
+    chat, Ctrl-C is part of the interface (it stops a reply; at the prompt it says how to quit),
+    not a request to terminate, so the chat takes SIGINT for its duration. A handler someone
+    installed on purpose (an embedding program's) is left alone; so are the one-shot modes (-p,
+    -f, --prompts-jsonl), where an ignored SIGINT keeps a background batch run alive."""
+    import signal
+
+    try:
+        current = signal.getsignal(signal.SIGINT)
+        if current not in (signal.SIG_IGN, signal.SIG_DFL):
+            return None                      # Python's own handler, or someone else's
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        return current
+    except ValueError:                       # not the main thread: signal handlers cannot change
+        return None
+
+
+def _give_back_ctrl_c(previous) -> None:
+    if previous is not None:
+        import signal
+
+        signal.signal(signal.SIGINT, previous)
+
+
 def _repl(session, sampler, n_predict, total, ignore_eos: bool = False) -> None:
+    previous = _take_ctrl_c()
+    try:
+        _chat(session, sampler, n_predict, total, ignore_eos)
+    finally:
+        _give_back_ctrl_c(previous)
+
+
+def _chat(session, sampler, n_predict, total, ignore_eos: bool = False) -> None:
     from engram_local.runtime.session import PromptTooLong, RunError
 
     try:

@@ -7,7 +7,7 @@ For each user file (the paper's schema: users/*.json) and each condition, on one
   B  per-user LoRA r64                        the user's own LoRA (engram_local.eval.user_lora)
   C  per-user Engram rows                     rows fitted on the base model (no adapter)
   D  per-user LoRA + per-user Engram          B's LoRA with C's rows (naive stacking)
-  E  shared adapter only                      the MODEL_DIR's skill adapter (adapter.gguf)
+  E  shared adapter only                      the MODEL_DIR's skill adapter, as `run` ships it
   F  layered                                  rows fitted through the skill adapter + the adapter
   G  all facts in the prompt                  base model, every fact sentence before the prompt
   H  retrieval top-k                          base model, the k facts nearest to the query
@@ -19,11 +19,16 @@ indirect probes, the bits-per-byte change on an unrelated text against A, users 
 on indirect_any, context tokens added per query and ms per query (both over the indirect
 probes), bytes stored per user. Generation runs on llama.cpp (greedy); bits per byte, row
 fitting and LoRA training on torch. Per-user work (rows, LoRAs) is cached in a work directory.
+
+E and F run the model `run` runs with the skill on: the MODEL_DIR's backbone-skill.gguf (the
+adapter folded in) through the same Session path, and torch (rows, bits per byte) loads that
+file too. An --adapter other than the MODEL_DIR's own is folded the same way first, into a
+MODEL_DIR in the work directory (convert.model_dir.skill_model_dir). B and D, the per-user
+LoRA, stay an adapter over the plain backbone (llama.cpp LoRA; merged in fp32 on torch).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
@@ -108,12 +113,13 @@ class User:
 
 def load_user(path: str | Path, n_indirect: int = scoring.INDIRECT_PROBES) -> User:
     from engram_local.memory.facade import FactInputError, user_json_facts
+    from engram_local.text.user_files import read_user_file
 
     path = Path(path)
     try:
-        facts = user_json_facts(path)
-        doc = json.loads(path.read_text(encoding="utf-8"))
-        chat, indirect = scoring.chat_probes(doc), scoring.indirect_probes(doc, n_indirect)
+        user = read_user_file(path)
+        facts = user_json_facts(user)
+        chat, indirect = scoring.chat_probes(user.doc), scoring.indirect_probes(user.doc, n_indirect)
     except (FactInputError, OSError, ValueError, KeyError, TypeError) as exc:
         raise HeadToHeadError(f"{path}: not a usable user file ({exc})") from None
     return User(path.stem, path, facts, [scoring.fact_sentence(f.prompt, f.answer) for f in facts],
@@ -122,7 +128,7 @@ def load_user(path: str | Path, n_indirect: int = scoring.INDIRECT_PROBES) -> Us
 
 def user_paths(paths: Sequence[str | Path]) -> list[Path]:
     """User files: files as given, directories as their *.json (sorted); uids (file stems) unique."""
-    from engram_local.train.skill import user_files
+    from engram_local.text.user_files import user_files
 
     if not paths:
         raise HeadToHeadError("no user files given (--users FILE)")
@@ -155,7 +161,7 @@ class HeadToHead:
                  adapter: str | Path | None = None, embedder=None,
                  log: Callable[[str], None] | None = None):
         from engram_local.runtime import loader
-        from engram_local.formats.gguf_io import open_sidecar
+        from engram_local.formats.sidecar import open_sidecar
 
         self.s = settings or Settings()
         self.s.conditions = parse_conditions(self.s.conditions)
@@ -191,12 +197,31 @@ class HeadToHead:
         self._models: dict[str, tuple] = {}
         self._bpb: dict[str, float] = {}
         self._adapter_key: str | None = None
+        self._skill_md = None                   # the MODEL_DIR of E and F (_skill_model_dir)
         st = self.md.backbone.stat()
         self.model_key = f"{self.fp:016x}:{st.st_size}:{st.st_mtime_ns}"
 
     # ---------------------------------------------------------------- models
+    def _skill_model_dir(self):
+        """The MODEL_DIR whose skill-on setting E and F run: this one for its own adapter, else
+        one in the work directory with the --adapter folded in (as `convert` folds one)."""
+        if self._skill_md is None:
+            from engram_local.runtime import loader
+
+            own = self.md.adapter
+            if own is not None and os.path.samefile(own, self.adapter):
+                self._skill_md = self.md
+            else:
+                from engram_local.convert.model_dir import skill_model_dir
+                from engram_local.train.corpus_text import sha256_file
+
+                dest = self.work / f"skill-model-{sha256_file(self.adapter)[:16]}"
+                self._skill_md = loader.ModelDir.at(skill_model_dir(self.md.path, self.adapter, dest, self.log))
+        return self._skill_md
+
     def _model(self, skill: bool):
-        """(EngramModel, tokenizer) on torch: the base, or the base with the skill adapter merged."""
+        """(EngramModel, tokenizer) on torch: the base, or the skill-on model `run` ships
+        (loader.load_model with the adapter: backbone-skill.gguf, dequantized)."""
         key = "skill" if skill else "base"
         if key not in self._models:
             from engram_local.runtime import loader
@@ -206,10 +231,8 @@ class HeadToHead:
                 import torch
                 torch.set_num_threads(int(self.s.threads))
             _quiet_transformers()
-            em, tok, _ = loader.load_model(self.md.path, adapter=False)
-            if skill:   # what load_model(adapter=True) does, for this adapter file
-                loader.merge_adapter_file(em.backbone, self.adapter, self.md.backbone)
-                em.skill_adapter = self.adapter
+            md = self._skill_model_dir() if skill else self.md
+            em, tok, _ = loader.load_model(md.path, adapter=skill)
             self._models[key] = (em, tok)
         return self._models[key]
 
@@ -226,7 +249,12 @@ class HeadToHead:
 
         if kind not in prep:
             if kind == "skill" and self._adapter_key is None:
-                self._adapter_key = sha256_file(self.adapter)[:16]
+                # rows fitted through the skill-on model: keyed by the file that holds it
+                md = self._skill_model_dir()
+                key = sha256_file(md.backbone_gguf(True))
+                if md.unfolded_adapter(True) is not None:
+                    key += sha256_file(md.unfolded_adapter(True))
+                self._adapter_key = key[:16]
             directory = self.work / ("rows-base" if kind == "base" else f"rows-skill-{self._adapter_key}")
             eov = directory / f"{user.uid}.eov"
             existed = eov.exists()
@@ -260,8 +288,6 @@ class HeadToHead:
             art.adapter, art.peft = Path(lo["gguf"]), Path(lo["peft"])
             art.bytes += lo["bytes"]
             art.prep_s += lo["run_seconds"]
-        if cond.skill:
-            art.adapter = self.adapter
         if cond.context:
             art.bytes = len(" ".join(user.sentences).encode("utf-8"))
         return art
@@ -297,9 +323,12 @@ class HeadToHead:
         from engram_local.runtime.sampling import Sampler
         from engram_local.text.facts import join_answer
 
-        session = Session(self.md.path, overrides=[str(p) for p in art.overrides], backend=self.s.backend,
-                          n_ctx=self.s.n_ctx, n_threads=self.s.threads, skill=False, adapter=art.adapter,
-                          log=lambda m: None)
+        # E, F: the skill-on setting of a MODEL_DIR, exactly as `run` opens it; B, D: the per-user
+        # LoRA over the plain backbone; the rest: the plain backbone.
+        model = self._skill_model_dir().path if cond.skill else self.md.path
+        session = Session(model, overrides=[str(p) for p in art.overrides], backend=self.s.backend,
+                          n_ctx=self.s.n_ctx, n_threads=self.s.threads, skill=cond.skill,
+                          adapter=art.adapter, log=lambda m: None)
         retriever = None
         if cond.context == "topk":
             from engram_local.eval.retrieval import Retriever

@@ -79,7 +79,10 @@ def markdown(results: dict) -> str:
 
 def plot(results: dict, path: str | Path) -> Path:
     """PNG: indirect_any and chat recall against context tokens per query, one point per condition."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise RuntimeError("--plot needs matplotlib, an evaluation extra: pip install 'engram-local[eval]'") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

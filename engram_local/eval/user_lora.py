@@ -60,75 +60,74 @@ class UserLoRA:
 def fact_batch(tok, facts):
     """(ids, labels, mask) tensors: one right-padded row per fact, `prompt + answer` with the
     tokenizer's own sequence start (BOS where it adds one), labels on the answer tokens only."""
-    import torch
-
     from engram_local.memory.writer import answer_tokens
+    from engram_local.text.tokens import pad_id, sequence_start
+    from engram_local.train.trainer import IGNORE, collate
 
-    plain = tok("a", add_special_tokens=False)["input_ids"]
-    full = tok("a")["input_ids"]
-    start = full[:len(full) - len(plain)] if full[len(full) - len(plain):] == plain else []
+    start = sequence_start(tok)
     rows = []
     for f in facts:
         p, a = answer_tokens(tok, f.prompt, f.answer)
-        rows.append((list(start) + p, a))
-    T = max(len(p) + len(a) for p, a in rows)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    ids = torch.full((len(rows), T), int(pad), dtype=torch.long)
-    labels = torch.full((len(rows), T), -100, dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.long)
-    for i, (p, a) in enumerate(rows):
-        seq = p + a
-        ids[i, :len(seq)] = torch.tensor(seq)
-        labels[i, len(p):len(seq)] = torch.tensor(a)
-        mask[i, :len(seq)] = 1
-    return ids, labels, mask
+        p = start + p
+        rows.append((p + a, [IGNORE] * len(p) + a))
+    return collate(rows, pad_id(tok))
+
+
+def answer_loss(em, batch):
+    """Cross-entropy on the answer tokens of a `fact_batch`, and (info) the smallest lead of a
+    gold answer token over the runner-up, in logits."""
+    import torch
+    import torch.nn.functional as F
+
+    ids, labels, mask = batch
+    tgt = labels[:, 1:].reshape(-1)
+    sel = tgt >= 0
+    logits = em(ids, attention_mask=mask).logits[:, :-1].reshape(-1, em.backbone.config.vocab_size)
+    logits = logits[sel].float()
+    gold = tgt[sel]
+    loss = F.cross_entropy(logits, gold)
+    with torch.no_grad():
+        other = logits.scatter(1, gold[:, None], float("-inf")).max(1).values
+        margin = float((logits.gather(1, gold[:, None])[:, 0] - other).min())
+    return loss, {"margin": margin}
 
 
 def train_user_lora(em, tok, facts, settings: UserLoRASettings | None = None, progress=None):
     """Attach a fresh LoRA to em.backbone and fit it to `facts` (left attached: save it, then
     `lora.remove_lora`). Returns (steps, first loss, last loss, converged)."""
+    import itertools
+
     import torch
-    import torch.nn.functional as F
 
     from engram_local.model import lora
+    from engram_local.train.trainer import train
 
     s = settings or UserLoRASettings()
     torch.manual_seed(s.seed)
     lora.add_lora(em.backbone, s.rank, s.alpha, s.targets, seed=s.seed)
-    params = lora.lora_parameters(em.backbone)
-    opt = torch.optim.Adam(params, lr=s.lr)
-    ids, labels, mask = fact_batch(tok, facts)
-    tgt = labels[:, 1:].reshape(-1)
-    sel = tgt >= 0
-    losses, converged, steps = [], False, 0
-    for _ in range(s.max_steps + 1):
-        logits = em(ids, attention_mask=mask).logits[:, :-1].reshape(-1, em.backbone.config.vocab_size)
-        logits = logits[sel].float()
-        gold = tgt[sel]
-        loss = F.cross_entropy(logits, gold)
-        losses.append(float(loss.detach()))
-        with torch.no_grad():
-            other = logits.scatter(1, gold[:, None], float("-inf")).max(1).values
-            margin = float((logits.gather(1, gold[:, None])[:, 0] - other).min())
-        if margin >= s.margin:
-            converged = True
-            break
-        if steps == s.max_steps:
-            break
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        steps += 1
+    opt = torch.optim.Adam(lora.lora_parameters(em.backbone), lr=s.lr)
+    margin = float("-inf")
+
+    def stop(state, info):              # asked after each loss, before its update
+        nonlocal margin
+        margin = info["margin"]
+        return margin >= s.margin or state.step == s.max_steps
+
+    def on_step(state, info):
         if progress is not None:
-            progress(steps, losses[-1], margin)
-    return steps, losses[0], losses[-1], converged
+            progress(state.step, state.history[-1], info["margin"])
+
+    # max_steps updates, and the loss after the last one: max_steps + 1 evaluations of the batch
+    state = train(em, opt, itertools.repeat(fact_batch(tok, facts)), answer_loss, s.max_steps + 1,
+                  stop=stop, on_step=on_step)
+    return state.step, state.history[0], state.history[-1], margin >= s.margin
 
 
 def write_gguf_adapter(peft_dir: Path, backbone_gguf: Path, dest: Path) -> None:
     """The PEFT LoRA in `peft_dir` as a llama.cpp adapter GGUF for the backbone `backbone_gguf`."""
     from engram_local.convert import adapter as adapter_io
     from engram_local.convert import registry
-    from engram_local.formats.gguf_io import scan_gguf
+    from engram_local.formats.header import scan_gguf
 
     header = scan_gguf(backbone_gguf)
     arch = registry.for_gguf(header.architecture or "")

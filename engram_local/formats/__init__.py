@@ -1,3 +1,11 @@
-"""Files: GGUF header scan, the Engram sidecar, .eov memory files (read/write, the override-stack
-opener), LoRA adapter files, the model fingerprint, `inspect` descriptions. No torch.
+"""Files, no torch: one module per kind of file or rule.
+
+  header        GGUF header scan (scan_gguf, GGUFHeader, GGUFFormatError), typed fields, file_kind
+  sidecar       the Engram sidecar (open_sidecar, Sidecar)
+  fingerprint   the model fingerprint's byte stream (sidecar files and in-memory models)
+  lora_adapter  llama.cpp LoRA adapter files (read_lora_adapter, check_lora_header)
+  eov           user memory (.eov) files: read/write, the override-stack opener `open_overrides`
+  table         memory tables of any GGUF file through gguf-py
+  describe      what a file holds, for `engram-local inspect`
+  config        the Engram's settings (EngramConfig)
 """

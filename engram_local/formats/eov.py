@@ -14,7 +14,9 @@ Layout (EOV_FORMAT_VERSION 1; constants.py names every key and tensor; `gguf-dum
   eov.{layer}.keys       I64 [n]           exact N-gram key of the look-up the row serves; -1 = any
   eov.{layer}.values     F16/F32 [n, head_dim]
 
-Reading maps the file: the OverrideSets returned are views into it, not copies.
+Reading maps the file: the OverrideSets returned are views into it, not copies. `open_overrides`
+is the one opener of override stacks (checks, then {layer: [OverrideSet, ...]}); every other way
+of opening override files goes through it.
 
 Writing is atomic and private: the new file is written to a temporary file beside the target
 (created with mode 0600), flushed, fsync'ed and renamed over the target, and the directory is
@@ -285,11 +287,13 @@ def _alive(pid: int) -> bool:
 
 # --------------------------------------------------------------------------- reading
 
-def read_memory_file(path: str | os.PathLike, fingerprint: int | None = None) -> MemoryFile:
+def read_memory_file(path: str | os.PathLike, fingerprint: int | None = None,
+                     model: str | None = None) -> MemoryFile:
     """The content of an .eov file, its override sets memory-mapped (no copies).
 
-    With `fingerprint`, the file must have been written for that model. Every problem raises
-    MemoryFileError (a ValueError) naming the file; a missing file raises FileNotFoundError.
+    With `fingerprint`, the file must have been written for that model (`model` names it in the
+    error). Every problem raises MemoryFileError (a ValueError) naming the file; a missing file
+    raises FileNotFoundError.
     """
     where = os.fspath(path)
     if not os.path.exists(where):
@@ -319,11 +323,16 @@ def read_memory_file(path: str | os.PathLike, fingerprint: int | None = None) ->
         raise MemoryFileError(f"{where}: override format version {version}, this engram-local reads "
                               f"version {constants.EOV_FORMAT_VERSION}")
     file_fingerprint = value(constants.KEY_EOV_FINGERPRINT)
+    if isinstance(file_fingerprint, bool) or not isinstance(file_fingerprint, int):
+        raise MemoryFileError(f"{where}: key {constants.KEY_EOV_FINGERPRINT!r} = {file_fingerprint!r} is "
+                              "not an integer")
     if fingerprint is not None and file_fingerprint != fingerprint:
+        in_use = f"the model in use, {model}" if model else "the model in use"
         raise MemoryFileError(
-            f"{where}: written for model fingerprint {file_fingerprint:#018x}, not "
-            f"{int(fingerprint):#018x} (the model in use): a user memory file only works with the model "
-            f"it was written for; write its facts again for this model with `engram-local remember`")
+            f"{where}: this memory file belongs to another model: written for model fingerprint "
+            f"{file_fingerprint:#018x}, not {int(fingerprint):#018x} ({in_use}); a user memory file only "
+            f"works with the model it was written for: write its facts again for this model with "
+            f"`engram-local remember`")
     layers = [int(v) for v in (value(constants.KEY_EOV_LAYERS, required=False) or [])]
 
     expected = {name.format(layer=layer) for layer in layers
@@ -396,21 +405,55 @@ def write_override_file(path: str | os.PathLike, sets: Mapping[int, tuple],
 
 def open_override_file(path: str | os.PathLike,
                        fingerprint: int | None = None) -> dict[int, OverrideSet]:
-    """`{layer: OverrideSet}` of an override file, as memory-mapped views (no copies).
+    """`{layer: OverrideSet}` of one override file, as memory-mapped views (no copies).
 
     With `fingerprint`, the file must have been written for that model fingerprint.
     """
-    return read_memory_file(path, fingerprint).layers
+    return {layer: sets[0] for layer, sets in open_overrides([path], fingerprint).items()}
 
 
-def open_overrides(paths: Sequence[str | os.PathLike], model_fingerprint: int | None):
-    """{layer: [OverrideSet, ...]} of .eov files for the model with `model_fingerprint`, in
-    the order given (pass the list as a layer's stack: a later file wins on a shared row).
-    A file for another model raises MemoryFileError (a ValueError) naming both fingerprints."""
-    stacks: dict[int, list] = {}
-    for path in paths:
-        mf = read_memory_file(path, model_fingerprint)
-        for layer, s in sorted(mf.layers.items()):
+# --------------------------------------------------------------------------- the override stack
+
+def check_engram_layers(layers: Iterable[int], engram_layers: Sequence[int], where: str | None = None,
+                        error: type[Exception] = ValueError) -> None:
+    """Refuse override rows for a layer without an Engram: raises `error` naming the layers
+    (and the file `where` they come from)."""
+    unknown = sorted(set(layers) - set(engram_layers))
+    if unknown:
+        what = f"{where}: has rows for layers {unknown}" if where else f"override sets for layers {unknown}"
+        raise error(f"{what}, but the model's Engram layers are {list(engram_layers)}")
+
+
+def open_overrides(paths: Sequence[str | os.PathLike], model_fingerprint: int | None = None, *,
+                   engram_layers: Sequence[int] | None = None, allow_missing_last: bool = False,
+                   model: str | None = None) -> dict[int, list[OverrideSet]]:
+    """{layer: [OverrideSet, ...]} of .eov files, in the order given (pass the list as a layer's
+    stack: a later file wins on a shared row); the one opener of override files.
+
+    Each file must exist (`allow_missing_last`: the last one may not exist yet, the first write
+    creates it), be a readable file, be an .eov file this engram-local reads, be bound to
+    `model_fingerprint` when one is given (`model` names that model in the error) and have rows
+    only for `engram_layers` when given. A missing file raises FileNotFoundError, every other
+    problem MemoryFileError (a ValueError); each is one line naming the file.
+    """
+    paths = list(paths)
+    stacks: dict[int, list[OverrideSet]] = {}
+    for i, path in enumerate(paths):
+        where = os.fspath(path)
+        if not os.path.exists(where):
+            if allow_missing_last and i == len(paths) - 1:
+                continue
+            raise FileNotFoundError(f"{where}: override file not found")
+        if os.path.isdir(where):
+            raise MemoryFileError(f"{where}: is a directory, not an override (.eov) file")
+        if not os.access(where, os.R_OK):
+            raise MemoryFileError(f"{where}: override file is not readable (permission denied)")
+        try:
+            layers = read_memory_file(where, model_fingerprint, model).layers
+        except OSError as exc:
+            raise MemoryFileError(f"{where}: not a readable override file: {exc.strerror or exc}") from None
+        if engram_layers is not None:
+            check_engram_layers(layers, engram_layers, where, MemoryFileError)
+        for layer, s in sorted(layers.items()):
             stacks.setdefault(layer, []).append(s)
     return stacks
-

@@ -29,6 +29,7 @@ from engram_local import constants
 from engram_local.formats.eov import open_overrides  # noqa: F401 (re-exported: engram_local.memory.open_overrides)
 from engram_local.text.facts import (FactInputError, _answer_text, chat_contexts,  # noqa: F401 (re-exported)
                                      prompt_from_sentence, split_statement)
+from engram_local.text.user_files import UserFile, read_user_file
 
 # --------------------------------------------------------------------------- facts
 
@@ -42,30 +43,15 @@ class NewFact:
     paraphrases: list[str] = field(default_factory=list)
 
 
-def user_json_facts(path: str | os.PathLike, paraphrases: bool = False) -> list[NewFact]:
-    """Facts of one of the paper's user files (users/*.json: {facts: [{key, answer,
-    paraphrases}]}) by the paper's rule: the prompt is the first paraphrase that ends with the
-    answer (trailing "." stripped), minus the answer; without one, "My <key words> is". The id
-    is the fact's key. With `paraphrases`, the other paraphrases ending with the answer become
-    extra trigger prompts (the paper's multi-trigger writing)."""
-    try:
-        doc = json.loads(Path(path).read_text(encoding="utf-8"))
-        raw = doc["facts"]
-        if not isinstance(raw, list):
-            raise TypeError("facts is not a list")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise FactInputError(f"{path}: not a user file with a list of facts ({exc})") from None
-    out = []
-    for i, f in enumerate(raw):
-        try:
-            key, answer, paras = str(f["key"]), _answer_text(f["answer"]), list(f.get("paraphrases", []))
-        except (KeyError, TypeError) as exc:
-            raise FactInputError(f"{path}: fact {i} lacks {exc}") from None
-        prompts = [p for p in (prompt_from_sentence(str(s), answer) for s in paras) if p]
-        main = prompts[0] if prompts else f"My {key.replace('_', ' ')} is"
-        extra = [p for p in dict.fromkeys(prompts[1:]) if p != main] if paraphrases else []
-        out.append(NewFact(prompt=main, answer=answer, id=key, paraphrases=extra))
-    return out
+def user_json_facts(path: str | os.PathLike | UserFile, paraphrases: bool = False) -> list[NewFact]:
+    """Facts of one of the paper's user files (a path, or one read by
+    text.user_files.read_user_file) with the paper's prompt rule; the id is the fact's key. With
+    `paraphrases`, the other paraphrases ending with the answer become extra trigger prompts
+    (the paper's multi-trigger writing)."""
+    user = path if isinstance(path, UserFile) else read_user_file(path)
+    return [NewFact(prompt=f.prompt, answer=f.answer, id=f.key,
+                    paraphrases=list(f.paraphrases) if paraphrases else [])
+            for f in user.facts]
 
 
 def jsonl_facts(path: str | os.PathLike) -> list[NewFact]:
@@ -104,33 +90,22 @@ def jsonl_facts(path: str | os.PathLike) -> list[NewFact]:
 # --------------------------------------------------------------------------- model identity
 
 def model_fingerprint(em) -> int:
-    """The fingerprint of an in-memory EngramModel: the sidecar fingerprint's byte stream
-    (gguf_io.Sidecar.compute_fingerprint: hash configuration, canonical map, per layer the hash
-    constants and the table bytes) over this model's own tables, stored as F32."""
-    import struct
-
+    """The fingerprint of an in-memory EngramModel: the model fingerprint (formats.fingerprint,
+    as a sidecar's) over this model's own tables, stored as F32."""
     import torch
-    import xxhash
 
-    def i64(*v):
-        return struct.pack(f"<{len(v)}q", *v)
+    from engram_local.formats.fingerprint import FingerprintLayer, fingerprint
 
     cfg, layout = em.cfg, em.layout
-    h = xxhash.xxh3_64()
-    h.update(constants.FINGERPRINT_MAGIC)
-    h.update(i64(constants.FINGERPRINT_VERSION, cfg.max_ngram_size, cfg.n_head_per_ngram,
-                 cfg.head_dim, cfg.pad_id, cfg.compressed_vocab_size, len(cfg.layer_ids)))
-    cmap = em.canonical_map.cpu().numpy().astype("<i8")
-    h.update(i64(cmap.shape[0]))
-    h.update(np.ascontiguousarray(cmap))
-    for layer in cfg.layer_ids:
-        table = em.engram[str(layer)].table.detach().to(torch.float32).cpu().numpy()
-        h.update(i64(layer, constants.QTYPE_F32, table.shape[0], table.shape[1]))
-        args = layout.kernel_args(layer)
-        for name in ("multipliers", "primes", "offsets"):
-            h.update(np.ascontiguousarray(args[name], dtype="<i8"))
-        h.update(np.ascontiguousarray(table, dtype="<f4").tobytes())
-    return h.intdigest()
+
+    def layers():
+        for layer in cfg.layer_ids:
+            table = np.ascontiguousarray(em.engram[str(layer)].table.detach().to(torch.float32).cpu().numpy(),
+                                         dtype="<f4")
+            yield FingerprintLayer(layer, constants.QTYPE_F32, table.shape[0], table.shape[1],
+                                   layout.kernel_args(layer), table)
+
+    return fingerprint(vars(cfg), em.canonical_map.cpu().numpy(), layers())
 
 
 def fingerprint_of(model: str | os.PathLike | None) -> int:
@@ -139,7 +114,7 @@ def fingerprint_of(model: str | os.PathLike | None) -> int:
 
     target = resolve(model)
     if isinstance(target, ModelDir):
-        from engram_local.formats.gguf_io import open_sidecar
+        from engram_local.formats.sidecar import open_sidecar
 
         return int(open_sidecar(target.engram).fingerprint)
     raise ValueError(f"{target}: user memory needs a MODEL_DIR; convert the checkpoint with "
@@ -153,7 +128,7 @@ def load_model_for_memory(model: str | os.PathLike | None = None):
 
     em, tok, md = load_model(model)
     if md is not None:
-        from engram_local.formats.gguf_io import open_sidecar
+        from engram_local.formats.sidecar import open_sidecar
 
         fp = int(open_sidecar(md.engram).fingerprint)
     else:

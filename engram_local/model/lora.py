@@ -97,14 +97,29 @@ def set_lora_enabled(model: nn.Module, enabled: bool) -> None:
         m.enabled = enabled
 
 
+def merge_into(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """The LoRA merge rule of engram-local, the one place it is computed: W <- W + scale * B A.
+
+    weight (out, in), a (r, in), b (out, r), in place on `weight` (returned). B A and the sum are
+    formed in float64 and rounded once to weight's dtype, so every caller gets the same bits for
+    the same inputs: `remove_lora(merge=True)`, the torch loader's merge of an extra adapter
+    (runtime.loader.merge_lora) and the folding of the skill adapter into backbone-skill.gguf
+    (convert.adapter.merge_lora_into_backbone, before it re-quantizes).
+    """
+    with torch.no_grad():
+        a64, b64 = a.detach().to(weight.device, torch.float64), b.detach().to(weight.device, torch.float64)
+        merged = weight.detach().to(torch.float64) + float(scale) * (b64 @ a64)
+        weight.copy_(merged.to(weight.dtype))
+    return weight
+
+
 def remove_lora(model: nn.Module, merge: bool = False) -> None:
-    """Unwrap every LoRALinear (folding scale * B A into W first when merge=True)."""
+    """Unwrap every LoRALinear (folding scale * B A into W first when merge=True: merge_into)."""
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, LoRALinear):
                 if merge:
-                    with torch.no_grad():
-                        child.base.weight.add_(child.delta().to(child.base.weight.dtype))
+                    merge_into(child.base.weight, child.lora_A, child.lora_B, child.scale)
                 setattr(module, child_name, child.base)
 
 

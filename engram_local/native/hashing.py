@@ -142,7 +142,7 @@ def hash_ids(layout: NgramHashLayout, canonical_ids, layer_id: int, *, start: in
     `start` > 0 treats ids[:start] as history (decode); with `with_mix` also returns the
     per-order 64-bit mixes `[T, N-1]`, the exact keys of override rows.
     """
-    from engram_local import native
+    from engram_local.native.kernel import hash_layer
 
-    return native.hash_layer(canonical_ids, start=start, with_mix=with_mix,
-                             **layout.kernel_args(layer_id))
+    return hash_layer(canonical_ids, start=start, with_mix=with_mix,
+                      **layout.kernel_args(layer_id))

@@ -1,12 +1,17 @@
 """Open a model: a MODEL_DIR (GGUF files), an Engram checkpoint directory, or the default model.
 
 For a MODEL_DIR the torch model is built from the files themselves:
-  * backbone.gguf -> a stock transformers model (dequantized to fp32 by transformers; the first
-    load of a file is cached as a Hugging Face copy, keyed by the file's path, size and mtime);
+  * the backbone GGUF of the setting (ModelDir.backbone_gguf: backbone-skill.gguf with the skill
+    adapter on, backbone.gguf with it off) -> a stock transformers model, dequantized to fp32 by
+    transformers (the first load of a file is cached as a Hugging Face copy, keyed by the file's
+    path, size and mtime). The llama.cpp backend decodes the same file, so both backends run one
+    function per setting: the skill adapter folded in and re-quantized at convert time;
   * engram.gguf   -> EngramModel with empty tables: each layer reads rows through a native
     Gatherer over the memory-mapped table (never read whole), optionally under user override
     sets; the projections, norms and conv come from the sidecar;
-  * adapter.gguf  -> the LoRA skill adapter, merged into the backbone's projections.
+  * adapter.gguf  -> merged in fp32 (merge_lora) only for an old MODEL_DIR that has no
+    backbone-skill.gguf (ModelDir.unfolded_adapter); an explicit extra adapter (per-user LoRA)
+    is merged the same way by merge_adapter_file.
 With no path, the default MODEL_DIR is used, created first if needed (convert.ensure_default_model_dir).
 """
 
@@ -50,6 +55,17 @@ class ModelDir:
         merged = path / constants.MODEL_DIR_SKILL_BACKBONE
         adapter = adapter if adapter.is_file() else None
         return cls(path, backbone, engram, adapter, merged if adapter and merged.is_file() else None)
+
+    def backbone_gguf(self, skill: bool = True) -> Path:
+        """The backbone GGUF of a setting, for every consumer (llama.cpp and torch `run`, the memory
+        writer, perplexity, the head-to-head evaluation): skill on -> backbone-skill.gguf (the
+        adapter folded in) when the MODEL_DIR has it, else backbone.gguf."""
+        return self.skill_backbone if skill and self.skill_backbone is not None else self.backbone
+
+    def unfolded_adapter(self, skill: bool = True) -> Path | None:
+        """The skill adapter still to apply over backbone_gguf(skill): only with skill on in an old
+        MODEL_DIR that has adapter.gguf but no backbone-skill.gguf; None otherwise."""
+        return self.adapter if skill and self.adapter is not None and self.skill_backbone is None else None
 
     def as_dict(self) -> dict:
         return {"model_dir": str(self.path), "backbone": str(self.backbone), "engram": str(self.engram),
@@ -116,16 +132,19 @@ def load_model(path: str | os.PathLike | None = None, overrides: OverrideStacks 
 def _load_model_dir(md: ModelDir, overrides: OverrideStacks | None, adapter: bool):
     import torch
 
-    from engram_local.formats.gguf_io import GGUFFormatError, open_sidecar, read_lora_adapter, scan_gguf
+    from engram_local.formats.header import GGUFFormatError, scan_gguf
+    from engram_local.formats.lora_adapter import read_lora_adapter
+    from engram_local.formats.sidecar import open_sidecar
     from engram_local.model.engram import EngramModel
 
     sidecar = open_sidecar(md.engram)
     cfg = sidecar.config
-    header = scan_gguf(md.backbone)
+    gguf_path = md.backbone_gguf(adapter)
+    header = scan_gguf(gguf_path)
     if header.architecture != sidecar.backbone_arch:
-        raise GGUFFormatError(f"{md.backbone}: architecture {header.architecture!r}, but the Engram "
+        raise GGUFFormatError(f"{gguf_path}: architecture {header.architecture!r}, but the Engram "
                               f"sidecar was made for {sidecar.backbone_arch!r}")
-    backbone, tok = load_backbone(md.backbone)
+    backbone, tok = load_backbone(gguf_path)
     if backbone.config.hidden_size != cfg.hidden_size:
         raise GGUFFormatError(f"{md.path}: the Engram writes into width {cfg.hidden_size}, the "
                               f"backbone has width {backbone.config.hidden_size}")
@@ -133,8 +152,9 @@ def _load_model_dir(md: ModelDir, overrides: OverrideStacks | None, adapter: boo
     if len(cmap) < len(tok):
         raise GGUFFormatError(f"{md.engram}: the canonical map covers {len(cmap)} token ids, the "
                               f"backbone's tokenizer has {len(tok)}")
-    if adapter and md.adapter is not None:
-        merge_lora(backbone, read_lora_adapter(md.adapter), header)
+    unfolded = md.unfolded_adapter(adapter)
+    if unfolded is not None:       # an old MODEL_DIR without backbone-skill.gguf
+        merge_lora(backbone, read_lora_adapter(unfolded), header)
 
     em = EngramModel(backbone, cfg, cmap, tables=False)
     em.skill_adapter = md.adapter if adapter else None     # memory fits chat forms with one
@@ -230,11 +250,13 @@ def _prune_backbone_caches(root: Path):
 
 
 def merge_lora(backbone, adapter, backbone_header):
-    """Add a llama.cpp LoRA adapter into the backbone's weights: W += alpha/r * B A."""
+    """Add a llama.cpp LoRA adapter into the backbone's weights: W += alpha/r * B A (in fp32, by
+    model.lora.merge_into, the rule convert.adapter uses to fold the skill adapter)."""
     import torch
 
     from engram_local.convert import for_gguf
-    from engram_local.formats.gguf_io import GGUFFormatError
+    from engram_local.formats.header import GGUFFormatError
+    from engram_local.model.lora import merge_into
 
     if adapter.architecture != backbone_header.architecture:
         raise GGUFFormatError(f"{adapter.path}: adapter for {adapter.architecture!r}, the backbone is "
@@ -256,13 +278,13 @@ def merge_lora(backbone, adapter, backbone_header):
             if tuple(weight.shape) != (b.shape[0], a.shape[1]):
                 raise GGUFFormatError(f"{adapter.path}: {base!r} is {list(weight.shape)} in the backbone, "
                                       f"the adapter's B A is {[b.shape[0], a.shape[1]]}")
-            delta = torch.from_numpy(b) @ torch.from_numpy(a)
-            weight.add_(delta.to(weight.dtype), alpha=adapter.scale(base))
+            merge_into(weight, torch.from_numpy(a), torch.from_numpy(b), adapter.scale(base))
 
 
 def merge_adapter_file(backbone, adapter_path: str | os.PathLike, backbone_gguf: str | os.PathLike):
     """merge_lora of the llama.cpp LoRA adapter GGUF at `adapter_path` into `backbone`, the model
     of the backbone GGUF `backbone_gguf` (an adapter other than the MODEL_DIR's own)."""
-    from engram_local.formats.gguf_io import read_lora_adapter, scan_gguf
+    from engram_local.formats.header import scan_gguf
+    from engram_local.formats.lora_adapter import read_lora_adapter
 
     merge_lora(backbone, read_lora_adapter(Path(adapter_path)), scan_gguf(Path(backbone_gguf)))

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-DOC_START_ID = 0   # SmolLM2's <|endoftext|>: scores the first real token too (add_bos is off)
+from engram_local.text.tokens import document_start_id, encode
 
 
 @dataclass
@@ -26,17 +26,20 @@ class PerplexityResult:
 
 
 @torch.no_grad()
-def token_logprobs(model, ids: list[int], window: int = 1024, memory_fn=None, progress=None) -> np.ndarray:
-    """log p(ids[i] | DOC_START, ids[:i]) for every i, in independent windows of `window` tokens.
+def token_logprobs(model, ids: list[int], start_id: int, window: int = 1024, memory_fn=None,
+                   progress=None) -> np.ndarray:
+    """log p(ids[i] | start, ids[:i]) for every i, in independent windows of `window` tokens.
 
-    Each window restarts from the document-start token, so a window is a fresh sequence (Engram
-    hashing and the conv state included). memory_fn(input_ids) -> {layer: (1, T, E)} supplies
-    the table look-ups (e.g. a memory-mapped table with user overrides); None = model tables.
+    Each window restarts from the document-start token `start_id` (text.tokens.document_start_id:
+    SmolLM2's <|endoftext|>, so the first real token is scored too), so a window is a fresh
+    sequence (Engram hashing and the conv state included). memory_fn(input_ids) -> {layer:
+    (1, T, E)} supplies the table look-ups (e.g. a memory-mapped table with user overrides);
+    None = model tables.
     """
     out = []
     for s in range(0, len(ids), window - 1):
         chunk = ids[s:s + window - 1]
-        x = torch.tensor([[DOC_START_ID] + chunk], dtype=torch.long)
+        x = torch.tensor([[start_id] + chunk], dtype=torch.long)
         memory = memory_fn(x) if memory_fn is not None else None
         logits = model(x, memory=memory).logits[0, :-1].float()                # (T, vocab)
         lp = torch.log_softmax(logits, dim=-1)
@@ -50,13 +53,14 @@ def bits_per_byte(model, tokenizer, text: str, window: int = 1024, memory_fn=Non
                   show_progress: bool = False) -> PerplexityResult:
     if not text:
         raise ValueError("the text is empty: nothing to score")
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = encode(tokenizer, text)
     bar = None
     if show_progress:
         from tqdm import tqdm
         bar = tqdm(total=len(ids), unit="tok", desc="scoring", leave=False)
     try:
-        lp = token_logprobs(model, ids, window=window, memory_fn=memory_fn, progress=bar)
+        lp = token_logprobs(model, ids, document_start_id(tokenizer), window=window, memory_fn=memory_fn,
+                            progress=bar)
     finally:
         if bar is not None:
             bar.close()

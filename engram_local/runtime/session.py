@@ -26,6 +26,8 @@ from typing import Callable, Sequence
 
 from engram_local.runtime.sampling import Sampler
 from engram_local.text.chat import CHATML_TEMPLATE, ChatTemplateError, render_chat  # noqa: F401 (re-exported)
+from engram_local.text.chat import ChatVocab, encode_rendered
+from engram_local.text.tokens import special_texts
 
 BACKENDS = ("auto", "llama.cpp", "torch")
 DEFAULT_CTX = 2048
@@ -46,52 +48,18 @@ def _stderr(msg: str) -> None:
 # --------------------------------------------------------------------------- overrides
 
 def open_override_stack(paths: Sequence[str | os.PathLike], sidecar, allow_missing_last: bool = False):
-    """{layer: [native.OverrideSet, ...]} of the override files in order (later wins).
-
-    Every file must exist, be readable, be an override file and be bound to this model's
-    fingerprint; `allow_missing_last` lets the last one not exist yet (it is created by the
-    first /remember).
+    """{layer: [native.OverrideSet, ...]} of the override files in order (later wins), opened
+    by formats.eov.open_overrides for this sidecar's fingerprint and layers; its errors become
+    RunError. `allow_missing_last` lets the last file not exist yet (the first /remember
+    creates it).
     """
-    from engram_local import constants
-    from engram_local.formats.gguf_io import GGUFFormatError, scan_gguf
     from engram_local.formats.eov import open_overrides
 
-    stack: dict[int, list] = {}
-    model_fp = int(sidecar.fingerprint)
-    for i, path in enumerate(paths):
-        path = Path(path)
-        if not path.exists():
-            if allow_missing_last and i == len(paths) - 1:
-                continue
-            raise RunError(f"{path}: override file not found")
-        if path.is_dir():
-            raise RunError(f"{path}: is a directory, not an override (.eov) file")
-        if not os.access(path, os.R_OK):
-            raise RunError(f"{path}: override file is not readable (permission denied)")
-        try:
-            header = scan_gguf(path)
-        except (GGUFFormatError, OSError) as exc:
-            raise RunError(f"{path}: not a readable override file: {exc}") from None
-        if header.architecture != constants.EOV_ARCH:
-            raise RunError(f"{path}: not an override (.eov) file (general.architecture "
-                           f"{header.architecture!r})")
-        file_fp = header.fields.get(constants.KEY_EOV_FINGERPRINT)
-        if file_fp != model_fp:
-            shown = f"{file_fp:#018x}" if isinstance(file_fp, int) else repr(file_fp)
-            raise RunError(f"{path}: this memory file belongs to another model (written for model "
-                           f"fingerprint {shown}; the loaded model {sidecar.path.parent} has "
-                           f"{model_fp:#018x}) - refusing to use it")
-        try:
-            sets = open_overrides([path], model_fp)
-        except (ValueError, OSError) as exc:
-            msg = str(exc)
-            raise RunError(msg if str(path) in msg else f"{path}: {msg}") from None
-        for layer, layer_sets in sets.items():
-            if layer not in sidecar.layer_ids:
-                raise RunError(f"{path}: has rows for layer {layer}, but the model's Engram layers "
-                               f"are {sidecar.layer_ids}")
-            stack.setdefault(layer, []).extend(layer_sets)
-    return stack
+    try:
+        return open_overrides(paths, int(sidecar.fingerprint), engram_layers=sidecar.layer_ids,
+                              allow_missing_last=allow_missing_last, model=str(sidecar.path.parent))
+    except (ValueError, OSError) as exc:
+        raise RunError(str(exc)) from None
 
 
 # --------------------------------------------------------------------------- chat template
@@ -212,7 +180,8 @@ class Session:
         self.sidecar = None
         stack = {}
         if self.model_dir is not None:
-            from engram_local.formats.gguf_io import GGUFFormatError, open_sidecar
+            from engram_local.formats.header import GGUFFormatError
+            from engram_local.formats.sidecar import open_sidecar
 
             for f in (self.model_dir.backbone, self.model_dir.engram):
                 if not os.access(f, os.R_OK):
@@ -245,12 +214,11 @@ class Session:
                                f"(pip install llama-cpp-python=={llama_backend.PINNED_LLAMA_CPP_PYTHON})")
             if device not in (None, "cpu"):
                 log(f"engram-local: --device {device} applies to the torch backend; llama.cpp uses -ngl")
-            backbone = self.model_dir.backbone
-            if adapter is None and skill and self.model_dir.adapter is not None:
-                if self.model_dir.skill_backbone is not None:     # adapter folded into q/k/v
-                    backbone = self.model_dir.skill_backbone
-                else:
-                    adapter = self.model_dir.adapter
+            # The setting's GGUF (skill on: the adapter folded in), the file torch loads too; an
+            # explicit adapter runs as a LoRA over the plain backbone.
+            backbone = self.model_dir.backbone_gguf(skill and adapter is None)
+            if adapter is None:
+                adapter = self.model_dir.unfolded_adapter(skill)   # an old MODEL_DIR only
             try:
                 self.backend = llama_backend.LlamaCppBackend(
                     backbone, sidecar=self.sidecar, overrides=stack, adapter=adapter,
@@ -282,7 +250,7 @@ class Session:
     def special_tokens(self) -> dict:
         be = self.backend
         if hasattr(be, "tok"):
-            return {"bos_token": be.tok.bos_token or "", "eos_token": be.tok.eos_token or ""}
+            return special_texts(be.tok)
         ll = be._ll
         out = {}
         for key, fn in (("bos_token", ll.llama_vocab_bos), ("eos_token", ll.llama_vocab_eos)):
@@ -307,10 +275,11 @@ class Session:
         return self.backend.tokenize(text)
 
     def tokenize_rendered(self, rendered: str) -> list[int]:
-        """Tokens of a rendered chat prompt: BOS only if the template did not write it."""
-        bos = self.special_tokens().get("bos_token") or None
-        add_bos = self.backend.add_bos and not (bos and rendered.startswith(bos))
-        return self.backend.tokenize(rendered, add_bos=add_bos)
+        """Tokens of a rendered chat prompt: BOS only if the template did not write it (the one
+        rule, text.chat.encode_rendered; the backend says whether the model adds BOS)."""
+        vocab = ChatVocab(tokenize=self.backend.tokenize, add_bos=self.backend.add_bos,
+                          template=self.chat_template(), **self.special_tokens())
+        return encode_rendered(vocab, rendered)
 
     # ---------------------------------------------------------------- generation
     def generate(self, prompt: Sequence[int], n_predict: int, sampler: Sampler,

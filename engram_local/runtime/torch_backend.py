@@ -1,7 +1,11 @@
 """The torch backend: the same Engram model in PyTorch (CPU or CUDA), generated incrementally.
 
 `loader.load_model` builds the EngramModel (stock transformers backbone + Engram layers reading
-the memory-mapped table under the user's override stack, skill adapter merged). Generation keeps
+the memory-mapped table under the user's override stack). The backbone is the GGUF the llama.cpp
+backend decodes for the same setting (ModelDir.backbone_gguf: backbone-skill.gguf, the skill
+adapter folded in, with the skill on; backbone.gguf with it off), dequantized to fp32, so both
+backends run the same weights; only an explicit extra adapter (Session(adapter=...)) is merged
+here in fp32. Generation keeps
 three pieces of per-sequence state, mirroring the llama.cpp backend:
   * the backbone's KV cache (transformers DynamicCache; `crop` rolls it back),
   * the canonical ids of the sequence (the N-gram hash's history),
@@ -18,10 +22,7 @@ import numpy as np
 
 from engram_local import native
 from engram_local.runtime.context import check_new_tokens
-
-# Texts of special tokens that end a turn (llama.cpp's llama-vocab.cpp detects the same ones).
-EOG_TEXTS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>",
-             "<|end_of_text|>", "<|return|>", "<|eom_id|>")
+from engram_local.text import tokens as token_rules
 
 
 class TorchBackend:
@@ -54,12 +55,8 @@ class TorchBackend:
         self.n_vocab = int(em.backbone.config.vocab_size)
         self.n_batch = 512
         self.chat_template = getattr(tok, "chat_template", None)
-        with_special = tok("a")["input_ids"]
-        plain = tok("a", add_special_tokens=False)["input_ids"]
-        self.add_bos = len(with_special) > len(plain) and with_special[0] == tok.bos_token_id
-        self.eog = {int(tok.eos_token_id)} if tok.eos_token_id is not None else set()
-        vocab = tok.get_vocab()
-        self.eog |= {int(vocab[t]) for t in EOG_TEXTS if t in vocab}
+        self.add_bos = token_rules.adds_bos(tok)
+        self.eog = token_rules.eog_ids(tok)
         cfg = em.cfg
         self._n1 = cfg.max_ngram_size - 1
         self._layers = list(cfg.layer_ids)
@@ -78,9 +75,7 @@ class TorchBackend:
 
     # ---------------------------------------------------------------- text
     def tokenize(self, text: str, add_bos: bool | None = None) -> list[int]:
-        add = self.add_bos if add_bos is None else add_bos
-        ids = self.tok(text, add_special_tokens=False)["input_ids"]
-        return ([self.tok.bos_token_id] if add else []) + list(ids)
+        return token_rules.tokenize(self.tok, text, self.add_bos if add_bos is None else add_bos)
 
     def detokenize(self, tokens: Sequence[int]) -> str:
         return self.tok.decode(list(tokens), skip_special_tokens=True, clean_up_tokenization_spaces=False)

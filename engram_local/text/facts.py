@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 
-from engram_local.text.chat import render_chat
+from engram_local.text.chat import ChatVocab, render_conversation
 
 
 class FactInputError(ValueError):
@@ -123,21 +123,23 @@ def recitations(facts) -> dict[str, str]:
 CHAT_QUESTIONS = ("What do you remember about me?", "{prompt}?")
 
 
-def chat_contexts(facts, tok) -> dict[str, list[tuple[str, str]]]:
-    """fact id -> [(lead, prompt)]: the fact as the skill adapter recites it in a chat reply.
+def chat_contexts(facts, tok) -> dict[str, list[tuple[tuple[int, ...], str]]]:
+    """fact id -> [(lead ids, prompt)]: the fact as the skill adapter recites it in a chat reply.
 
     The lead is a chat turn up to the assistant's reply (the model's own template, a stand-in
-    question) plus any sentence the recitation starts with; `remember` fits the rows to give
-    the answer there too, so they work where the adapter makes the model say the prompt.
+    question) plus any sentence the recitation starts with, tokenized as the runtime reads the
+    turn and the model says the reply (`render_conversation`, the reply still open); the prompt
+    follows it. `remember` fits the rows to give the answer there too, so they work where the
+    adapter makes the model say the prompt.
     """
     recite, out = recitations(facts), {}
+    vocab = ChatVocab.of(tok)
     for f in facts:
         lead = recite[f.id][: -len(fact_sentence(f.prompt, f.answer))].rstrip()
         out[f.id] = []
         for q in CHAT_QUESTIONS:
-            turn = render_chat(getattr(tok, "chat_template", None),
-                               [{"role": "user", "content": q.format(prompt=f.prompt)}],
-                               bos_token=tok.bos_token or "", eos_token=tok.eos_token or "")
-            out[f.id].append((turn + lead, (" " if lead else "") + f.prompt))
+            turn = [{"role": "user", "content": q.format(prompt=f.prompt)},
+                    {"role": "assistant", "content": lead}]
+            ids, _ = render_conversation(vocab, turn, reply_open=True)
+            out[f.id].append((tuple(ids), (" " if lead else "") + f.prompt))
     return out
-

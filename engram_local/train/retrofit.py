@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from engram_local.model.checkpoint import write_meta
+from engram_local.train.trainer import TrainState, load_state, save_state, token_loss, train
 
 STATE_FILE = "trainer_state.pt"
 
@@ -72,8 +70,6 @@ def retrofit(model, tokenizer, train_file: Path, out_dir: Path, s: RetrofitSetti
              backbone_ref: str | None = None, resume: bool = False, valid_file: Path | None = None,
              log=print) -> dict:
     """Train `model.engram` on `train_file`; checkpoints go to out_dir. Returns run statistics."""
-    from tqdm import tqdm
-
     out_dir = Path(out_dir)
     torch.manual_seed(s.seed)
     for p in model.backbone.parameters():
@@ -81,59 +77,40 @@ def retrofit(model, tokenizer, train_file: Path, out_dir: Path, s: RetrofitSetti
     stream = tokenize_corpus(tokenizer, train_file)
     starts = batch_starts(len(stream), s.seq_len, s.batch_size, s.steps, s.seed)
     opt = make_optimizer(model, s)
-    step, elapsed, history = 0, 0.0, []
+    state = TrainState()
     state_path = out_dir / STATE_FILE
     if resume and state_path.is_file():
-        state = torch.load(state_path, weights_only=False)
-        if state["settings"] != s.__dict__:
-            raise ValueError(f"{out_dir}: cannot resume with different settings "
-                             f"(saved {state['settings']}, given {s.__dict__})")
+        state = load_state(state_path, opt, s.__dict__)
         model.load_engram(out_dir)
-        opt.load_state_dict(state["optimizer"])
-        step, elapsed, history = state["step"], state["elapsed"], state["history"]
-        log(f"resuming at step {step}/{s.steps}")
+        log(f"resuming at step {state.step}/{s.steps}")
     model.train()
     model.backbone.eval()              # no dropout in the frozen backbone
-    bar = tqdm(total=s.steps, initial=step, unit="step", desc="retrofit", file=sys.stderr)
-    t_last, tok_since = time.perf_counter(), 0
-    while step < s.steps:
-        idx = starts[step][:, None] + np.arange(s.seq_len + 1)[None, :]
-        batch = torch.from_numpy(stream[idx].astype(np.int64))              # (B, T+1)
-        x, y = batch[:, :-1], batch[:, 1:]
-        scale = min(1.0, (step + 1) / max(1, s.warmup))
-        for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * scale
-        logits = model(x).logits                                            # (B, T, vocab)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        tok_since += x.numel()
-        history.append(loss.item())
-        now = time.perf_counter()
-        elapsed += now - t_last
-        bar.set_postfix(loss=f"{history[-1]:.3f}", tok_s=f"{tok_since / (now - t_last):.0f}")
-        t_last, tok_since = now, 0
-        bar.update(1)
-        if step % s.checkpoint_every == 0 or step == s.steps:
-            save_checkpoint(model, opt, out_dir, s, step, elapsed, history, backbone_ref)
-    bar.close()
+    window = np.arange(s.seq_len + 1)[None, :]
+    # batch k is the windows starting at starts[k]: a resumed run goes on with the same batches
+    batches = (torch.from_numpy(stream[starts[k][:, None] + window].astype(np.int64))   # (B, T+1)
+               for k in range(state.step, s.steps))
+    state = train(model, opt, batches, next_token_loss, s.steps, state=state,
+                  schedule=lambda step: min(1.0, (step + 1) / max(1, s.warmup)),
+                  checkpoint=lambda st: save_checkpoint(model, opt, out_dir, s, st, backbone_ref),
+                  checkpoint_every=s.checkpoint_every, progress="retrofit")
     model.eval()
     stats = {"steps": s.steps, "train_tokens": s.steps * s.batch_size * s.seq_len,
-             "wall_seconds": round(elapsed, 1), "final_loss_avg20": float(np.mean(history[-20:])),
+             "wall_seconds": round(state.elapsed, 1), "final_loss_avg20": float(np.mean(state.history[-20:])),
              "table_rows": {str(l): int(model.layout.rows_per_layer[l]) for l in model.cfg.layer_ids},
              "settings": s.__dict__}
     (out_dir / "retrofit_stats.json").write_text(json.dumps(stats, indent=1) + "\n")
     return stats
 
 
-def save_checkpoint(model, opt, out_dir: Path, s: RetrofitSettings, step: int, elapsed: float,
-                    history: list, backbone_ref: str | None):
+def next_token_loss(model, batch):
+    """Cross-entropy of predicting batch[:, 1:] from batch[:, :-1] (a (B, T+1) window batch)."""
+    x, y = batch[:, :-1], batch[:, 1:]
+    return token_loss(model(x).logits, y), {"tokens": x.numel()}
+
+
+def save_checkpoint(model, opt, out_dir: Path, s: RetrofitSettings, state: TrainState,
+                    backbone_ref: str | None):
     """Weights first, then trainer state, each written atomically: a kill never loses both."""
     model.save_engram(out_dir, table_dtype=torch.float32)
     write_meta(out_dir, {"backbone": backbone_ref})
-    tmp = out_dir / (STATE_FILE + ".tmp")
-    torch.save({"optimizer": opt.state_dict(), "step": step, "elapsed": elapsed,
-                "history": history, "settings": s.__dict__}, tmp)
-    tmp.replace(out_dir / STATE_FILE)
+    save_state(out_dir / STATE_FILE, opt, state, s.__dict__)

@@ -26,7 +26,6 @@ rows are fitted through the finished adapter.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -40,6 +39,8 @@ import numpy as np
 
 from engram_local import constants
 from engram_local.text.facts import CHAT_QUESTIONS, chat_contexts, fact_sentence, recitations  # noqa: F401 (re-exported)
+from engram_local.text.user_files import read_user_file
+from engram_local.text.user_files import user_files as text_user_files
 
 DEFAULT_USERS_DIR = constants.SKILL_USERS_DIR
 
@@ -77,20 +78,7 @@ class Sample:
 def user_files(dirs: Sequence[str | os.PathLike] | None) -> list[Path]:
     """The user JSON files of `dirs` (files or directories of *.json), sorted; the shipped
     training users by default."""
-    dirs = list(dirs) if dirs else [DEFAULT_USERS_DIR]
-    out = []
-    for d in dirs:
-        d = Path(d)
-        if d.is_dir():
-            found = sorted(d.glob("*.json"))
-            if not found:
-                raise FileNotFoundError(f"{d}: no user files (*.json)")
-            out += found
-        elif d.is_file():
-            out.append(d)
-        else:
-            raise FileNotFoundError(f"{d}: no such user file or directory")
-    return out
+    return text_user_files(list(dirs) if dirs else [DEFAULT_USERS_DIR])
 
 
 def user_texts(path: Path, settings: SkillSettings, rng: random.Random) -> list[tuple[str, str, str]]:
@@ -98,19 +86,19 @@ def user_texts(path: Path, settings: SkillSettings, rng: random.Random) -> list[
     user's question (rendered with the chat template later)."""
     from engram_local.memory.facade import user_json_facts
 
-    doc = json.loads(Path(path).read_text(encoding="utf-8"))
-    facts = user_json_facts(path)
+    user = read_user_file(path)
+    facts = user_json_facts(user)
     by_key = {f.id: f for f in facts}
     recite = recitations(facts)
     out = []
     if "fact" in settings.kinds:
         out += [("fact", "", fact_sentence(f.prompt, f.answer)) for f in facts]
-    direct = [q for q in doc.get("direct_qa", []) if q.get("key") in recite]
+    direct = [q for q in user.direct_qa if q.get("key") in recite]
     if "chat" in settings.kinds:
         out += [("chat", q["question"], recite[q["key"]]) for q in direct]
     if "qa" in settings.kinds:
         out += [("qa", f"Q: {q['question']}\nA:", " " + recite[q["key"]]) for q in direct]
-    ind = list(doc.get("indirect_qa", []))
+    ind = user.indirect_qa
     if "irecite" in settings.kinds:
         # an indirect question whose answer a remembered fact states: answer by reciting it
         for q in ind:
@@ -134,31 +122,29 @@ def user_texts(path: Path, settings: SkillSettings, rng: random.Random) -> list[
 # --------------------------------------------------------------------------- tokens
 
 class Tokens:
-    """Tokenize like `engram-local run` does: BOS as the backend adds it, chat turns through the
-    model's own chat template."""
+    """Tokenize like `engram-local run` does: BOS as the backend adds it (text.tokens), chat
+    turns as text.chat.render_conversation renders them (the runtime's prompt, then the reply
+    as the model says it, closed by the end-of-turn text)."""
 
     def __init__(self, tok):
-        from engram_local.text.chat import render_chat
+        from engram_local.text.chat import ChatVocab, render_conversation
+        from engram_local.text.tokens import encode, sequence_start
 
-        self.tok, self._render = tok, render_chat
-        with_special = tok("a")["input_ids"]
-        plain = tok("a", add_special_tokens=False)["input_ids"]
-        self.bos = [tok.bos_token_id] if (len(with_special) > len(plain)
-                                          and with_special[0] == tok.bos_token_id) else []
-        self.template = getattr(tok, "chat_template", None)
-        self.eos_text = "<|im_end|>" if "<|im_end|>" in tok.get_vocab() else (tok.eos_token or "")
+        self.tok, self.vocab = tok, ChatVocab.of(tok)
+        self._conversation, self._encode = render_conversation, encode
+        self.bos = sequence_start(tok)
+        self.template = self.vocab.template
+        self.eos_text = self.vocab.end_of_turn
 
     def ids(self, text: str) -> list[int]:
-        return self.tok(text, add_special_tokens=False)["input_ids"]
+        return self._encode(self.tok, text)
 
     def sample(self, user: str, kind: str, context: str, reply: str) -> Sample:
         if kind == "chat":
-            rendered = self._render(self.template, [{"role": "user", "content": context}],
-                                    bos_token=self.tok.bos_token or "", eos_token=self.tok.eos_token or "")
-            bos = [] if (self.tok.bos_token and rendered.startswith(self.tok.bos_token)) else self.bos
-            ctx = bos + self.ids(rendered)
-            rep = self.ids(reply + self.eos_text)
-        elif kind == "fact":
+            ids, mask = self._conversation(self.vocab, [{"role": "user", "content": context},
+                                                        {"role": "assistant", "content": reply}])
+            return Sample(user, kind, ids, [i if m else -100 for i, m in zip(ids, mask)])
+        if kind == "fact":
             ctx, rep = list(self.bos), self.ids(reply)
         else:
             full = self.ids(context + reply)
@@ -237,20 +223,6 @@ def _batches(samples: list[Sample], settings: SkillSettings):
             yield u, [pools[u].pop() for _ in range(min(settings.batch, len(pools[u])))]
 
 
-def _collate(batch: list[Sample], pad_id: int):
-    import torch
-
-    T = max(len(s.ids) for s in batch)
-    ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), T), -100, dtype=torch.long)
-    mask = torch.zeros((len(batch), T), dtype=torch.long)
-    for i, s in enumerate(batch):                   # right padding: causal positions never see it
-        ids[i, :len(s.ids)] = torch.tensor(s.ids)
-        labels[i, :len(s.ids)] = torch.tensor(s.labels)
-        mask[i, :len(s.ids)] = 1
-    return ids, labels, mask
-
-
 @dataclass
 class TrainReport:
     steps: int
@@ -270,12 +242,14 @@ def train_skill(out: str | os.PathLike, model: str | os.PathLike | None = None,
     """Train the shared skill adapter on `model` (a MODEL_DIR; the default model by default) and
     write it to `out` as a llama.cpp LoRA adapter GGUF (and as a PEFT directory to `peft_out`)."""
     import torch
-    import torch.nn.functional as F
 
     from engram_local.model import lora
+    from engram_local.text.tokens import pad_id
+    from engram_local.train.trainer import collate, token_loss, train
 
     from engram_local.memory import facade as memory
-    from engram_local.formats.gguf_io import open_sidecar, scan_gguf
+    from engram_local.formats.header import scan_gguf
+    from engram_local.formats.sidecar import open_sidecar
     from engram_local.runtime.loader import attach_tables, load_model
 
     settings = settings or SkillSettings()
@@ -319,39 +293,24 @@ def train_skill(out: str | os.PathLike, model: str | os.PathLike | None = None,
         frac = (step - settings.warmup) / max(1, total - settings.warmup)
         return 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * frac))
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    pad = pad_id(tok)
+    attached = None
+
+    def loss(em, user_batch):
+        nonlocal attached
+        uid, batch = user_batch
+        if settings.rows and attached != uid:
+            attach_tables(em, sidecar, stacks.get(uid))
+            attached = uid
+        ids, labels, mask = collate([(s.ids, s.labels) for s in batch], pad)
+        logits = em(ids, attention_mask=mask).logits                     # (B, T, V)
+        return token_loss(logits[:, :-1], labels[:, 1:])
+
     em.train()
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=total, desc="train-skill", unit="step", file=sys.stderr)
-    t0, losses, attached = time.time(), [], None
-    stream = _batches(samples, settings)
-    try:
-        for step in range(total):
-            uid, batch = next(stream)
-            if settings.rows and attached != uid:
-                attach_tables(em, sidecar, stacks.get(uid))
-                attached = uid
-            ids, labels, mask = _collate(batch, pad)
-            logits = em(ids, attention_mask=mask).logits                     # (B, T, V)
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                   labels[:, 1:].reshape(-1), ignore_index=-100)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-    finally:
-        if bar is not None:
-            bar.close()
+    state = train(em, opt, _batches(samples, settings), loss, total, schedule=lr_at, clip=1.0,
+                  progress="train-skill" if progress else None)
     em.eval()
-    seconds = time.time() - t0
+    losses, seconds = state.history, state.elapsed
 
     extra = {"engram_local": {"settings": {k: (list(v) if isinstance(v, tuple) else v)
                                            for k, v in asdict(settings).items()},

@@ -1,0 +1,205 @@
+"""Optimisation of the placed entries' values.
+
+Joint OPT (the default): one trainable row per entry, cross-entropy of every answer token, all
+facts in one padded batch (bucketed), Rprop or Adam. Facts interact only through shared entries,
+so they fall into connected components; a component stops (its rows freeze) once every answer
+token of its facts is the argmax with its margin, a component failing too long grows rows
+(Placement.grow), and the fit ends when all components have stopped and pass a check with the
+values rounded to the file's type. OPT (the paper's): each fact alone, written together.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from engram_local.memory.batching import index
+
+
+class Optimisation:
+    """Fits the values of a Placement's entries over the items, through one Batches."""
+
+    def __init__(self, batches, settings, scale, progress=None, trace: list | None = None):
+        self.batches, self.model = batches, batches.model
+        self.s, self.lr, self.row_scale = settings, scale.lr, scale.row_scale
+        self.progress = progress
+        self.trace = trace if trace is not None else []   # (step, loss, components left, entries)
+        self.final_margins: dict = {}
+
+    def run(self, items, facts, placement) -> int:
+        """Optimise placement.values in place; the number of optimizer steps."""
+        if self.s.method == "unembed":
+            return 0
+        if self.s.method == "opt":
+            return self.opt(items, facts, placement)
+        return self.joint(items, placement)
+
+    # ------------------------------------------------------------ joint
+    def joint(self, items, placement) -> int:
+        s, values, entries = self.s, placement.values, placement.entries
+        param = torch.nn.Parameter(torch.from_numpy(np.stack(values)) if values else torch.zeros(0, self.model.d))
+        opt = self._make_opt(param)
+
+        def restage():
+            nonlocal param, opt
+            comp = self.batches.restage(items, entries)
+            if len(values) > param.shape[0]:       # new entries: grow the parameter, keep Adam state
+                new = torch.from_numpy(np.stack(values[param.shape[0]:]))
+                old_state = opt.state.get(param, {})
+                param = torch.nn.Parameter(torch.cat([param.detach(), new]))
+                opt = self._make_opt(param)
+                if old_state:
+                    opt.state[param] = self._grow_state(old_state, len(new))
+            return comp
+
+        comp = restage()
+        fixed = set(placement.fixed.tolist())
+
+        def untrainable():
+            # components no trainable row reaches cannot change: never active
+            has = {comp[i] for i, it in enumerate(items)
+                   if any(int(e) not in fixed for e in it.idx[it.idx >= 0])}
+            return {int(c) for c in comp} - has
+
+        done: set[int] = untrainable()   # converged (or unchangeable) components
+        failing_since: dict[int, int] = {}
+        step = 0
+        checks = 0
+        bar = self.progress(total=s.max_steps) if self.progress else None
+        while step < s.max_steps:
+            active = [i for i, it in enumerate(items) if it.train and comp[i] not in done]
+            if not active:
+                # every component converged: check everything with the stored value type
+                checks += 1
+                failed = self.check(items, self.rounded(param.detach()))
+                self.trace.append(("check", len(failed), sorted({items[i].fact for i in failed})))
+                if not failed or checks > 8:
+                    break
+                for i in failed:
+                    items[i].train = True
+                    done.discard(comp[i])
+                continue
+            opt.zero_grad(set_to_none=False)
+            loss, item_margins = self.batches.run(items, active, param, backward=True,
+                                                  scale=1.0 / len(active))
+            item_min = {i: float(m.min()) for i, m in item_margins.items()}
+            snapshot = param.detach().clone()
+            comp_ok: dict[int, bool] = {}
+            for i in active:
+                comp_ok[comp[i]] = comp_ok.get(comp[i], True) and item_min[i] >= items[i].need
+            newly = [c for c, ok in comp_ok.items() if ok]
+            # entries used by converged components freeze at the values that passed
+            live = torch.zeros(param.shape[0], dtype=torch.bool)
+            for i in active:
+                if comp[i] not in newly:
+                    used = items[i].idx[items[i].idx >= 0]
+                    live[torch.from_numpy(np.unique(used))] = True
+            if len(placement.fixed):
+                live[torch.from_numpy(placement.fixed)] = False
+            opt.step()
+            with torch.no_grad():
+                param[~live] = snapshot[~live]
+            done.update(newly)
+            step += 1
+            left = {comp[i] for i in active} - set(newly)
+            self.trace.append((step, round(loss, 3), len(left), param.shape[0],
+                               sorted({items[i].fact for i in active if comp[i] in left})[:8]))
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", left=len({comp[i] for i in active} - set(newly)))
+            # growth: components failing too long get rows at their failing positions
+            grew = False
+            for c in {comp[i] for i in active} - set(newly):
+                failing_since.setdefault(c, step)
+                if step - failing_since[c] >= s.grow_after:
+                    failing_since[c] = step
+                    grew |= any([placement.grow(i, item_margins[i]) for i in active
+                                 if comp[i] == c and i in item_margins])
+            if grew:
+                self._store(param, values)
+                comp = restage()
+                done, failing_since = untrainable(), {}
+        if bar is not None:
+            bar.close()
+        self._store(param, values)
+        return step
+
+    @staticmethod
+    def _store(param, values):
+        cur = param.detach().numpy()
+        for ei in range(cur.shape[0]):
+            values[ei] = cur[ei].copy()
+
+    def _make_opt(self, param):
+        if self.s.optimizer == "rprop":
+            return torch.optim.Rprop([param], lr=self.lr, step_sizes=(1e-3 * self.lr, 50 * self.lr))
+        return torch.optim.Adam([param], lr=self.lr)
+
+    def _grow_state(self, state, n_new):
+        out = dict(state)
+        for k, v in state.items():
+            if isinstance(v, torch.Tensor) and v.dim() == 2:
+                fill = self.lr if k == "step_size" else 0.0
+                out[k] = torch.cat([v, torch.full((n_new, v.shape[1]), fill, dtype=v.dtype)])
+        return out
+
+    # ------------------------------------------------------------ OPT (independent facts)
+    def opt(self, items, facts, placement) -> int:
+        """The paper's OPT: each fact alone from its UNEMBED_P start, `opt_steps` Adam steps with
+        loss CE + 0.001 * mean((row - init)^2); facts written together, a later fact winning a
+        shared row."""
+        values = placement.values
+        final = [v.copy() for v in values]
+        total = 0
+        for fi in range(len(facts)):
+            mine = [i for i, it in enumerate(items) if it.fact == fi and it.train]
+            if not mine:
+                continue
+            if items[mine[0]].idx is None:
+                index(items, placement.entries)
+            own = sorted({int(e) for i in mine for e in items[i].idx[items[i].idx >= 0]})
+            for i in mine:
+                items[i].cs = self.model.conv_state(items[i])
+            init = torch.from_numpy(np.stack(values))
+            param = torch.nn.Parameter(init.clone())
+            opt = torch.optim.Adam([param], lr=self.lr)
+            bt = self.batches.batch(items, mine)
+            for _ in range(self.s.opt_steps):
+                logits = self.model.forward(bt, param)
+                loss = F.cross_entropy(logits, bt["tgt"]) + 0.001 * (((param[own] - init[own]) / self.row_scale) ** 2).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                total += 1
+            for e in own:
+                final[e] = param.detach()[e].numpy().copy()
+        values[:] = final
+        return total
+
+    # ------------------------------------------------------------ checks
+    def rounded(self, values: torch.Tensor) -> torch.Tensor:
+        if self.s.value_dtype == "f16":
+            return values.half().float()
+        return values
+
+    @torch.no_grad()
+    def check(self, items, values):
+        """Indices of items whose answer is not the argmax with half the margin (or their own
+        smaller one), with the values as given."""
+        _, margins = self.batches.run(items, list(range(len(items))), values, backward=False)
+        return [i for i in range(len(items)) if margins[i].min() < min(items[i].need, self.s.margin / 2)]
+
+    @torch.no_grad()
+    def final_check(self, items, facts, entries, vals) -> dict[str, bool]:
+        """{fact id: every form of the fact produces its whole answer greedily} with the values
+        rounded to the file's type."""
+        self.batches.restage(items, entries)
+        values = self.rounded(torch.from_numpy(vals)) if len(vals) else torch.zeros(0, self.model.d)
+        recalled = {f.id: True for f in facts if not f.keep_out}
+        _, margins = self.batches.run(items, list(range(len(items))), values, backward=False)
+        for i, it in enumerate(items):
+            if margins[i].min() <= 0 and facts[it.fact].id in recalled:
+                recalled[facts[it.fact].id] = False
+        self.final_margins = {i: margins[i] for i in range(len(items))}
+        return recalled
