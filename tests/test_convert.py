@@ -132,15 +132,6 @@ def convert(ckpt: Path, out: Path, **kw) -> Path:
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    """A private data home (backbone caches, default model) for this module's tests."""
-    path = tmp_path_factory.mktemp("home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ENGRAM_LOCAL_HOME", str(path))
-        yield path
-
-
-@pytest.fixture(scope="module")
 def tiny(tmp_path_factory, home):
     """(hf_dir, checkpoint_dir, f32 MODEL_DIR) shared by the module's tests."""
     root = tmp_path_factory.mktemp("tiny")

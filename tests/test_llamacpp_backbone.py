@@ -33,14 +33,6 @@ USER_DATA_HOME = _user_data_home()
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    path = tmp_path_factory.mktemp("home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ENGRAM_LOCAL_HOME", str(path))
-        yield path
-
-
-@pytest.fixture(scope="module")
 def tiny(tmp_path_factory, home):
     """(hf_dir, checkpoint with a LoRA skill adapter)."""
     root = tmp_path_factory.mktemp("tiny")

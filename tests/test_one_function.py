@@ -114,7 +114,7 @@ def test_sessions_of_both_backends_read_the_setting_file(md, tmp_path):
     for model in (md, q51):
         for skill in (True, False):
             # Q5_1 weights: llama.cpp rounds activations to 8 bits in those matmuls, torch does not
-            atol = 2e-4 if model == md else 0.05
+            atol = 2e-4 if model == md else 0.1
             np.testing.assert_allclose(out[model, skill, "llama.cpp"], out[model, skill, "torch"], atol=atol)
     for backend in ("llama.cpp", "torch"):
         np.testing.assert_array_equal(out[md, False, backend], out[q51, False, backend])   # same backbone.gguf

@@ -98,9 +98,12 @@ def retrofit(corpus, out_dir, backbone, layers, write_layer, table_size, head_di
     if not train.is_file():
         raise click.ClickException(f"{corpus}: no train.txt (build it with scripts/build_corpus.py)")
     layer_ids = [int(x) for x in layers.split(",") if x.strip()]
+    from engram_local.text.tokens import document_start_id
+
     bb, tok = load_hf_backbone(backbone)
     cmap, n_canon = build_canonical_map(tok)
-    pad = int(cmap[0])   # canonical id of raw token 0 (<|endoftext|>), the paper's pad choice
+    # the paper's pad choice: the canonical id of the document-start token (<|endoftext|> in SmolLM2)
+    pad = int(cmap[document_start_id(tok)])
     cfg = EngramConfig(hidden_size=bb.config.hidden_size, compressed_vocab_size=n_canon, pad_id=pad,
                        layer_ids=layer_ids, write_layer=write_layer if write_layer is not None else max(layer_ids),
                        max_ngram_size=ngram, n_head_per_ngram=heads, head_dim=head_dim,

@@ -29,7 +29,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from engram_local import native
-from engram_local.runtime.context import check_new_tokens
+from engram_local.runtime.backend import Backend
 
 # The llama-cpp-python release whose graph node names this backend was written against.
 PINNED_LLAMA_CPP_PYTHON = "0.3.36"
@@ -76,6 +76,50 @@ def quiet_llama_logs(verbose: bool | None = None) -> None:
     _LOG_CALLBACK = cb
 
 
+# --------------------------------------------------------------------------- native handles
+
+class _Native:
+    """The one owner of one llama.cpp handle (llama-cpp-python's _internals.py idea): frees it
+    exactly once, on close() or when collected.
+
+    An owner whose handle others point into (a model under its context and adapter, an adapter
+    set on a context) closes those users first (`add_user`, last added first), so neither an
+    explicit close in any order nor garbage collection in any order frees a handle under one
+    that still uses it. `keep` holds Python objects the handle points into (the eval callback)
+    for as long as the handle lives.
+    """
+
+    def __init__(self, handle, free, *, keep=()):
+        self.handle = handle
+        self._free = free
+        self._users: list[_Native] = []
+        self._keep = tuple(keep)
+
+    def __bool__(self) -> bool:
+        return self.handle is not None
+
+    def add_user(self, owner: "_Native") -> None:
+        """`owner`'s handle uses this one: it is closed before this one is freed."""
+        self._users.append(owner)
+
+    def close(self) -> None:
+        handle, self.handle = self.handle, None
+        if handle is None:
+            return
+        try:
+            while self._users:
+                self._users.pop().close()
+        finally:
+            self._free(handle)
+            self._keep = ()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
 # --------------------------------------------------------------------------- ggml entry points
 
 def _ggml_base_library():
@@ -112,13 +156,12 @@ def node_name(layer: int) -> str:
 
 def engram_kernels(sidecar, overrides: Mapping[int, Sequence[native.OverrideSet]] | None = None):
     """[native.EngramLayerKernel] for each Engram layer of an open sidecar (gguf_io.Sidecar)."""
+    from engram_local.formats.eov import check_engram_layers
+
     cfg = SimpleNamespace(**sidecar.settings)      # sidecar.config would import torch
     layout = sidecar.layout
     overrides = dict(overrides or {})
-    unknown = sorted(set(overrides) - set(cfg.layer_ids))
-    if unknown:
-        raise ValueError(f"override sets for layers {unknown}, but the model's Engram layers are "
-                         f"{cfg.layer_ids}")
+    check_engram_layers(overrides, cfg.layer_ids)
     kernels = []
     for layer in cfg.layer_ids:
         st = sidecar.layer_state(layer)
@@ -132,12 +175,13 @@ def engram_kernels(sidecar, overrides: Mapping[int, Sequence[native.OverrideSet]
 
 # --------------------------------------------------------------------------- the session
 
-class LlamaCppBackend:
+class LlamaCppBackend(Backend):
     """One llama.cpp context over a backbone GGUF, with an optional Engram and LoRA adapter.
 
     `eval(tokens)` appends tokens to the sequence and returns the last position's logits;
     `truncate(n)` rolls the KV cache and the Engram state back to n positions (so a chat turn
-    re-decodes only what changed); `reset()` forgets everything.
+    re-decodes only what changed); `reset()` forgets everything (runtime.backend.Backend).
+    The model, context, batch and adapter handles each have one owner (_Native) that frees them.
     """
 
     name = "llama.cpp"
@@ -146,6 +190,8 @@ class LlamaCppBackend:
                  adapter: str | os.PathLike | None = None, n_ctx: int = 2048, n_batch: int = 512,
                  n_threads: int | None = None, n_gpu_layers: int = 0, flash_attn: bool = False,
                  kv_f32: bool = False, log=None):
+        self._model = self._ctx = self._batch = self._adapter = None   # close() works from here on
+        self.runtime = None
         llama_cpp = _llama_cpp()
         self._ll = llama_cpp
         self._log = log or (lambda msg: print(msg, file=sys.stderr))
@@ -156,8 +202,6 @@ class LlamaCppBackend:
         if not os.access(backbone, os.R_OK):
             raise PermissionError(f"{backbone}: backbone GGUF is not readable")
         llama_cpp.llama_backend_init()
-        self._model = self._ctx = self._batch = self._adapter = None
-        self.runtime = None
 
         mparams = llama_cpp.llama_model_default_params()
         mparams.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP      # mmap on, adapter or not
@@ -165,10 +209,11 @@ class LlamaCppBackend:
             self._log("engram-local: this llama.cpp build has no GPU support; -ngl ignored")
             n_gpu_layers = 0
         mparams.n_gpu_layers = int(n_gpu_layers)
-        self._model = llama_cpp.llama_model_load_from_file(str(backbone).encode(), mparams)
-        if not self._model:
+        model = llama_cpp.llama_model_load_from_file(str(backbone).encode(), mparams)
+        if not model:
             raise LlamaCppError(f"{backbone}: llama.cpp could not load this backbone GGUF "
                                 "(set ENGRAM_LOCAL_LLAMA_LOG=1 to see llama.cpp's reason)")
+        self._model = _Native(model, llama_cpp.llama_model_free)
         try:
             self._setup(backbone, sidecar, overrides, adapter, n_ctx, n_batch, n_threads, flash_attn, kv_f32)
         except BaseException:
@@ -176,12 +221,12 @@ class LlamaCppBackend:
             raise
 
     def _setup(self, backbone, sidecar, overrides, adapter, n_ctx, n_batch, n_threads, flash_attn, kv_f32):
-        ll = self._ll
-        self.vocab = ll.llama_model_get_vocab(self._model)
+        ll, model = self._ll, self._model.handle
+        self.vocab = ll.llama_model_get_vocab(model)
         self.n_vocab = int(ll.llama_vocab_n_tokens(self.vocab))
-        self.n_embd = int(ll.llama_model_n_embd(self._model))
-        self.n_layer = int(ll.llama_model_n_layer(self._model))
-        n_ctx = int(n_ctx) if n_ctx else int(ll.llama_model_n_ctx_train(self._model))
+        self.n_embd = int(ll.llama_model_n_embd(model))
+        self.n_layer = int(ll.llama_model_n_layer(model))
+        n_ctx = int(n_ctx) if n_ctx else int(ll.llama_model_n_ctx_train(model))
         self.n_ctx = n_ctx
         self.n_batch = max(1, min(int(n_batch), n_ctx))
         threads = int(n_threads) if n_threads else max(1, (os.cpu_count() or 2) // 2)
@@ -216,37 +261,44 @@ class LlamaCppBackend:
                                    else ll.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         if kv_f32:                               # exact comparisons with torch (tests)
             cparams.type_k = cparams.type_v = 0  # GGML_TYPE_F32
+        keep = ()
         if self.runtime is not None:
-            self._cb = ll.ggml_backend_sched_eval_callback(self.runtime.callback_address)
-            cparams.cb_eval = self._cb
+            cb = ll.ggml_backend_sched_eval_callback(self.runtime.callback_address)
+            cparams.cb_eval = cb
             cparams.cb_eval_user_data = ctypes.c_void_p(self.runtime.user_data_address)
-        self._ctx = ll.llama_init_from_model(self._model, cparams)
-        if not self._ctx:
+            keep = (cb, self.runtime)            # what the context calls into, alive as long as it
+        ctx = ll.llama_init_from_model(model, cparams)
+        if not ctx:
             raise LlamaCppError(f"llama.cpp could not create a context of {n_ctx} tokens "
                                 "(out of memory? try a smaller -c)")
-        self._mem = ll.llama_get_memory(self._ctx)
+        self._ctx = _Native(ctx, ll.llama_free, keep=keep)
+        self._model.add_user(self._ctx)
+        self._mem = ll.llama_get_memory(ctx)     # borrowed: freed with the context
 
         if adapter is not None:
             adapter = Path(adapter)
             if not adapter.is_file():
                 raise FileNotFoundError(f"{adapter}: skill adapter not found")
-            self._adapter = ll.llama_adapter_lora_init(self._model, str(adapter).encode())
-            if not self._adapter:
+            lora = ll.llama_adapter_lora_init(model, str(adapter).encode())
+            if not lora:
                 raise LlamaCppError(f"{adapter}: llama.cpp could not load this LoRA adapter "
                                     "(set ENGRAM_LOCAL_LLAMA_LOG=1 to see why)")
-            arr = (ll.llama_adapter_lora_p_ctypes * 1)(self._adapter)
+            self._adapter = _Native(lora, ll.llama_adapter_lora_free)
+            self._model.add_user(self._adapter)  # freed before the model (which would free it too)
+            self._adapter.add_user(self._ctx)    # the context applies it: freed first
+            arr = (ll.llama_adapter_lora_p_ctypes * 1)(lora)
             scales = (ctypes.c_float * 1)(1.0)
-            if ll.llama_set_adapters_lora(self._ctx, arr, 1, scales):
+            if ll.llama_set_adapters_lora(ctx, arr, 1, scales):
                 raise LlamaCppError(f"{adapter}: llama.cpp could not apply the LoRA adapter")
 
-        self._batch = ll.llama_batch_init(self.n_batch, 0, 1)
+        self._batch = _Native(ll.llama_batch_init(self.n_batch, 0, 1), ll.llama_batch_free)
         self.add_bos = bool(ll.llama_vocab_get_add_bos(self.vocab))
         self._eog: dict[int, bool] = {}
         self.tokens: list[int] = []          # what the KV cache and Engram state hold
         self.chat_template = self._chat_template()
 
     def _chat_template(self) -> str | None:
-        tmpl = self._ll.llama_model_chat_template(self._model, None)
+        tmpl = self._ll.llama_model_chat_template(self._model.handle, None)
         return tmpl.decode("utf-8") if tmpl else None
 
     # ---------------------------------------------------------------- text
@@ -286,33 +338,9 @@ class LlamaCppBackend:
             hit = self._eog[token] = bool(self._ll.llama_vocab_is_eog(self.vocab, token))
         return hit
 
-    # ---------------------------------------------------------------- the sequence
-    @property
-    def n_past(self) -> int:
-        return len(self.tokens)
-
-    def eval(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
-        """Append `tokens`; the logits of the last one (float32 [n_vocab], a copy), or of every
-        one ([len(tokens), n_vocab]) with all_logits."""
-        tokens = check_new_tokens(tokens, len(self.tokens), self.n_ctx, self.n_vocab)
-        out = []
-        try:
-            for i in range(0, len(tokens), self.n_batch):
-                chunk = tokens[i:i + self.n_batch]
-                last = i + self.n_batch >= len(tokens)
-                rows = self._decode(chunk, all_logits, last)
-                if rows is not None:
-                    out.append(rows)
-        except BaseException:
-            # A failed or interrupted decode leaves KV and Engram state unknown: start over.
-            self.reset()
-            raise
-        if all_logits:
-            return np.concatenate(out, axis=0)
-        return out[-1][-1]
-
+    # ---------------------------------------------------------------- the sequence (Backend hooks)
     def _decode(self, chunk: list[int], all_logits: bool, last: bool) -> np.ndarray | None:
-        ll, b = self._ll, self._batch
+        ll, b, ctx = self._ll, self._batch.handle, self._ctx.handle
         n, pos0 = len(chunk), len(self.tokens)
         for i, t in enumerate(chunk):
             b.token[i] = t
@@ -324,7 +352,7 @@ class LlamaCppBackend:
         rt = self.runtime
         if rt is not None:
             rt.begin(chunk)
-        rc = ll.llama_decode(self._ctx, b)
+        rc = ll.llama_decode(ctx, b)
         if rt is not None:
             if rt.status:
                 rt.abort()
@@ -336,70 +364,46 @@ class LlamaCppBackend:
                                 + (" (no room in the KV cache)" if rc == 1 else ""))
         if rt is not None:
             rt.commit()
-        self.tokens.extend(chunk)
         if all_logits:
-            ptr = ll.llama_get_logits(self._ctx)
+            ptr = ll.llama_get_logits(ctx)
             return np.ctypeslib.as_array(ptr, shape=(n * self.n_vocab,)).reshape(n, self.n_vocab).copy()
         if not last:
             return None
-        ptr = ll.llama_get_logits_ith(self._ctx, n - 1)
+        ptr = ll.llama_get_logits_ith(ctx, n - 1)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()[None, :]
 
-    def truncate(self, n: int) -> None:
-        """Keep only the first n positions (KV cache and Engram state)."""
-        n = max(0, min(int(n), len(self.tokens)))
-        if n == len(self.tokens):
-            return
-        if n == 0:
-            self.reset()
-            return
+    def _rollback(self, n: int) -> bool:
+        """Drop KV cells n.. and the Engram runtime's state after n; False where llama.cpp refuses."""
         if not self._ll.llama_memory_seq_rm(self._mem, 0, n, -1):
-            self.reset()
-            return
+            return False
         if self.runtime is not None:
             self.runtime.truncate(n)
-        del self.tokens[n:]
+        return True
 
-    def reset(self) -> None:
-        """Forget the sequence: KV cache cleared, Engram history zero."""
+    def _clear(self) -> None:
+        """KV cache cleared, Engram history zero."""
         if self._ctx:
             self._ll.llama_memory_clear(self._mem, True)
         if self.runtime is not None:
             self.runtime.reset()
-        self.tokens = []
 
     def set_overrides(self, sidecar, overrides) -> None:
         """Swap the user memory (override stacks); the sequence is reset."""
+        from engram_local.formats.eov import check_engram_layers
+
         if self.runtime is None:
             raise RuntimeError("this session runs without an Engram")
         layers = dict(zip(sidecar.layer_ids, self.runtime.layers))
         overrides = dict(overrides or {})
-        unknown = sorted(set(overrides) - set(layers))
-        if unknown:
-            raise ValueError(f"override sets for layers {unknown}, but the model's Engram layers are "
-                             f"{sorted(layers)}")
+        check_engram_layers(overrides, sorted(layers))
         for layer, kernel in layers.items():
             kernel.set_overrides(overrides.get(layer, ()))
         self.runtime.refresh_layers()
         self.reset()
 
     def close(self) -> None:
-        ll = self._ll
-        if self._batch is not None:
-            ll.llama_batch_free(self._batch)
-            self._batch = None
-        if self._ctx:
-            ll.llama_free(self._ctx)
-            self._ctx = None
-        if self._adapter:
-            ll.llama_adapter_lora_free(self._adapter)
-            self._adapter = None
-        if self._model:
-            ll.llama_model_free(self._model)
-            self._model = None
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001 - interpreter shutdown
-            pass
+        """Free the batch, context, adapter and model (each by its owner, once); safe to call twice.
+        Without close(), the owners free them when collected."""
+        for owner in (self._batch, self._ctx, self._adapter, self._model):
+            if owner is not None:
+                owner.close()

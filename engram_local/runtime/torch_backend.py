@@ -21,11 +21,11 @@ from typing import Sequence
 import numpy as np
 
 from engram_local import native
-from engram_local.runtime.context import check_new_tokens
+from engram_local.runtime.backend import Backend
 from engram_local.text import tokens as token_rules
 
 
-class TorchBackend:
+class TorchBackend(Backend):
     """One sequence on an EngramModel; same interface as llama_backend.LlamaCppBackend."""
 
     name = "torch"
@@ -83,25 +83,8 @@ class TorchBackend:
     def is_eog(self, token: int) -> bool:
         return int(token) in self.eog
 
-    # ---------------------------------------------------------------- the sequence
-    @property
-    def n_past(self) -> int:
-        return len(self.tokens)
-
-    def eval(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
-        tokens = check_new_tokens(tokens, len(self.tokens), self.n_ctx, self.n_vocab)
-        out = []
-        try:
-            for i in range(0, len(tokens), self.n_batch):
-                out.append(self._forward(tokens[i:i + self.n_batch], all_logits))
-        except BaseException:
-            self.reset()
-            raise
-        if all_logits:
-            return np.concatenate(out, axis=0)
-        return out[-1][-1]
-
-    def _forward(self, chunk: list[int], all_logits: bool) -> np.ndarray:
+    # ---------------------------------------------------------------- the sequence (Backend hooks)
+    def _decode(self, chunk: list[int], all_logits: bool, last: bool) -> np.ndarray:
         import torch
         from transformers import DynamicCache
 
@@ -132,23 +115,17 @@ class TorchBackend:
             self._x[l][p0:p0 + T] = x[0] if x is not None else 0.0   # Engram off: no history
         canon = native.canonicalize(em.canonical_map.numpy(), np.asarray(chunk, dtype=np.int64))
         self._canon.extend(int(c) for c in canon)
-        self.tokens.extend(chunk)
         return out.logits[0].float().cpu().numpy()
 
-    def truncate(self, n: int) -> None:
-        n = max(0, min(int(n), len(self.tokens)))
-        if n == len(self.tokens):
-            return
-        if n == 0 or self._cache is None:
-            self.reset()
-            return
+    def _rollback(self, n: int) -> bool:
+        if self._cache is None:
+            return False
         self._cache.crop(n - len(self.tokens))     # negative: remove that many (old and new API)
-        del self.tokens[n:]
         del self._canon[n:]
+        return True
 
-    def reset(self) -> None:
+    def _clear(self) -> None:
         self._cache = None
-        self.tokens = []
         self._canon = []
 
     def set_overrides(self, sidecar, overrides) -> None:

@@ -12,18 +12,9 @@
 #include <stdio.h>
 #include <string.h>
 
-static int n_checks, n_failed;
+#include "check.h"
 
-#define CHECK(cond)                                                                  \
-    do {                                                                             \
-        n_checks++;                                                                  \
-        if (!(cond)) {                                                               \
-            n_failed++;                                                              \
-            fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond); \
-        }                                                                            \
-    } while (0)
-
-#define CHECK_EQ_I64(a, b) CHECK((int64_t)(a) == (int64_t)(b))
+CHECK_STATE;
 
 #define COUNT(a) ((int64_t)(sizeof(a) / sizeof((a)[0])))
 

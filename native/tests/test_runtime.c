@@ -28,18 +28,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-static int n_checks, n_failed;
+#include "check.h"
 
-#define CHECK(cond)                                                                  \
-    do {                                                                             \
-        n_checks++;                                                                  \
-        if (!(cond)) {                                                               \
-            n_failed++;                                                              \
-            fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond); \
-        }                                                                            \
-    } while (0)
-
-#define CHECK_EQ_I64(a, b) CHECK((int64_t)(a) == (int64_t)(b))
+CHECK_STATE;
 
 /* A status check that prints both codes on failure. */
 #define CHECK_ST(expr, want)                                                                 \
