@@ -155,7 +155,7 @@ def node_name(layer: int) -> str:
 # --------------------------------------------------------------------------- Engram pieces
 
 def engram_kernels(sidecar, overrides: Mapping[int, Sequence[native.OverrideSet]] | None = None):
-    """[native.EngramLayerKernel] for each Engram layer of an open sidecar (gguf_io.Sidecar)."""
+    """[native.EngramLayerKernel] for each Engram layer of an open sidecar (formats.sidecar.Sidecar)."""
     from engram_local.formats.eov import check_engram_layers
 
     cfg = SimpleNamespace(**sidecar.settings)      # sidecar.config would import torch

@@ -174,15 +174,13 @@ def attach_tables(em, sidecar, overrides: OverrideStacks | None = None):
     """Point every Engram layer of `em` at its memory-mapped table under `overrides`.
 
     Call again with other override sets to swap a user's memory in or out; `sidecar` is
-    `gguf_io.open_sidecar(model_dir.engram)`.
+    `formats.sidecar.open_sidecar(model_dir.engram)`.
     """
     from engram_local import native
+    from engram_local.formats.eov import check_engram_layers
 
     overrides = dict(overrides or {})
-    unknown = sorted(set(overrides) - set(sidecar.layer_ids))
-    if unknown:
-        raise ValueError(f"override sets for layers {unknown}, but the model's Engram layers are "
-                         f"{sidecar.layer_ids}")
+    check_engram_layers(overrides, sidecar.layer_ids)
     for layer in sidecar.layer_ids:
         em.engram[str(layer)].source = native.Gatherer(sidecar.table(layer), overrides.get(layer, ()))
 
