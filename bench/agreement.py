@@ -171,21 +171,16 @@ def f32_copy(src: Path, dest: Path) -> Path:
 
     if dest.is_file():
         return dest
+    from engram_local.convert.tensors import copy_metadata
+
     reader = gguf.GGUFReader(str(src))
-    arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
-    writer = gguf.GGUFWriter(str(dest), arch)
-    for field in reader.fields.values():
-        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
-            continue
-        vtype = field.types[0]
-        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
+    writer = copy_metadata(reader)
     for t in reader.tensors:
         kind = gguf.GGMLQuantizationType(t.tensor_type)
         w = (np.asarray(t.data, np.float32) if kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
              else gguf.quants.dequantize(t.data, kind).astype(np.float32))
         writer.add_tensor(t.name, np.ascontiguousarray(w.reshape([int(x) for x in reversed(t.shape)])))
-    writer.write_header_to_file()
+    writer.write_header_to_file(Path(dest))
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()

@@ -21,7 +21,7 @@ import numpy as np
 from engram_local import constants
 
 from .registry import BackboneArch
-from .tensors import write_gguf
+from .tensors import copy_metadata, write_gguf
 
 # base_model.model.<module>.lora_A[.<adapter name>].weight
 _PEFT_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
@@ -133,13 +133,7 @@ def merge_lora_into_backbone(backbone: Path, adapter: Path, dest: Path, qtype: s
     arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
     if lora.architecture != arch:
         raise ValueError(f"{adapter}: adapter for {lora.architecture!r}, the backbone is {arch!r}")
-    writer = gguf.GGUFWriter(None, arch)
-    for field in reader.fields.values():
-        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
-            continue
-        vtype = field.types[0]
-        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
+    writer = copy_metadata(reader)
     names = {t.name for t in reader.tensors}
     missing = sorted(set(lora.tensors) - names)
     if missing:

@@ -26,6 +26,20 @@ PROGRESS_MIN_BYTES = 16 << 20
 QTYPES = {name: gguf.GGMLQuantizationType(q) for name, q in constants.TABLE_QTYPES.items()}
 
 
+def copy_metadata(reader: gguf.GGUFReader) -> gguf.GGUFWriter:
+    """A GGUFWriter (no file yet) for the architecture of `reader` with every metadata key of
+    `reader` copied in order (the writer's own GGUF.* bookkeeping keys excepted)."""
+    arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
+    writer = gguf.GGUFWriter(None, arch)
+    for field in reader.fields.values():
+        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
+    return writer
+
+
 def check_row_width(qtype: gguf.GGMLQuantizationType, width: int, what: str):
     block = gguf.GGML_QUANT_SIZES[qtype][0]
     if width % block:
