@@ -11,14 +11,15 @@ import click
 from engram_local.commands.common import MODEL_HELP
 
 
-def _command_line(ctx: click.Context, users) -> str:
-    """The command as it ran: every option that differs from its default, users under --users."""
-    parts = ["engram-local", "eval", "head-to-head"]
-    for u in users:
-        parts += ["--users", str(u)]
+def _command_line(ctx: click.Context, command: str, files_option: str, files, repeat: bool) -> str:
+    """The command as it ran: the files under `files_option` (once per file with `repeat`, else
+    once before them all), then every other option that differs from its default."""
+    parts = ["engram-local", "eval", command]
+    for i, f in enumerate(files):
+        parts += [f"--{files_option}", str(f)] if (repeat or i == 0) else [str(f)]
     for p in ctx.command.params:
         value = ctx.params.get(p.name)
-        if not isinstance(p, click.Option) or p.name == "users" or value in (None, False, ()) \
+        if not isinstance(p, click.Option) or p.name == files_option or value in (None, False, ()) \
                 or value == p.default:
             continue
         opt = max(p.opts, key=len)
@@ -103,7 +104,7 @@ def head_to_head(model, users, more_users, conditions, json_out, report_out, plo
         if importlib.util.find_spec("matplotlib") is None:
             raise click.ClickException("the plot needs matplotlib, an evaluation extra: "
                                        "pip install 'engram-local[eval]'")
-    command = _command_line(click.get_current_context(), paths)
+    command = _command_line(click.get_current_context(), "head-to-head", "users", paths, repeat=True)
     try:
         results = run_h2h(paths, model=model, work_dir=work_dir, text=text_file, adapter=adapter, settings=s,
                           progress=not quiet, command=command)
@@ -114,19 +115,6 @@ def head_to_head(model, users, more_users, conditions, json_out, report_out, plo
         click.echo(report.markdown(results))
     for kind, path in written.items():
         click.echo(f"wrote {kind}: {path}", err=True)
-
-
-def _chat_memory_command_line(ctx: click.Context, personas) -> str:
-    """The chat-memory command as it ran: personas under --personas, non-default options."""
-    parts = ["engram-local", "eval", "chat-memory", "--personas", *map(str, personas)]
-    for p in ctx.command.params:
-        value = ctx.params.get(p.name)
-        if not isinstance(p, click.Option) or p.name == "personas" or value in (None, False, ()) \
-                or value == p.default:
-            continue
-        opt = max(p.opts, key=len)
-        parts += [opt] if p.is_flag else [opt, str(value)]
-    return " ".join(shlex.quote(x) for x in parts)
 
 
 @eval_group.command("chat-memory")
@@ -172,7 +160,7 @@ def chat_memory(personas, more_personas, model, conditions, json_out, report_out
         s = cm.Settings(conditions=cm.parse_conditions(conditions), threads=threads)
     except cm.ChatMemoryError as e:
         raise click.BadParameter(str(e), param_hint="--conditions")
-    command = _chat_memory_command_line(click.get_current_context(), paths)
+    command = _command_line(click.get_current_context(), "chat-memory", "personas", paths, repeat=False)
     try:
         results = cm.chat_memory(paths, model=model, settings=s, work_dir=work_dir, progress=not quiet,
                                  command=command)

@@ -24,11 +24,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
+
+from engram_local.eval.workdir import work_directory
 
 KINDS = ("direct", "paraphrased", "indirect", "general")
 CONDITIONS = {
@@ -278,13 +279,9 @@ class ChatMemoryEval:
         personas = [load_persona(p) for p in paths]          # all checked before any work
         if not personas:
             raise ChatMemoryError("no persona files given")
-        if self.work_dir is None:
-            with tempfile.TemporaryDirectory(prefix="engram-chat-memory-") as tmp:
-                self.work = Path(tmp)
-                return self._run(personas, progress, command)
-        self.work = self.work_dir
-        self.work.mkdir(parents=True, exist_ok=True)
-        return self._run(personas, progress, command)
+        with work_directory(self.work_dir, "engram-chat-memory-") as work:
+            self.work = work
+            return self._run(personas, progress, command)
 
     def _retrieval_status(self) -> str | None:
         if self._embedder is not None:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,6 +39,7 @@ from typing import Callable, Sequence
 from engram_local import constants
 from engram_local.eval import scoring
 from engram_local.eval.user_lora import UserLoRASettings
+from engram_local.eval.workdir import work_directory
 
 # Shared CPU cores: OpenMP threads that spin while waiting slow every other process down (and
 # this one, ~10x on 2 cores next to another torch job). Effective when torch is not loaded yet.
@@ -398,13 +398,9 @@ class HeadToHead:
     def run(self, paths: Sequence[str | Path], progress: bool = True, command: str | None = None) -> dict:
         files = user_paths(paths)
         users = [load_user(p, self.s.indirect_probes) for p in files]
-        if self.work_dir is None:
-            with tempfile.TemporaryDirectory(prefix="engram-h2h-") as tmp:
-                self.work = Path(tmp)
-                return self._run(users, progress, command)
-        self.work = self.work_dir
-        self.work.mkdir(parents=True, exist_ok=True)
-        return self._run(users, progress, command)
+        with work_directory(self.work_dir, "engram-h2h-") as work:
+            self.work = work
+            return self._run(users, progress, command)
 
     def _run(self, users: list[User], progress: bool, command: str | None) -> dict:
         from tqdm import tqdm

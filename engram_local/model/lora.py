@@ -51,10 +51,6 @@ class LoRALinear(nn.Module):
             return y
         return y + (x @ self.lora_A.t() @ self.lora_B.t()) * self.scale
 
-    def delta(self) -> torch.Tensor:
-        """(out, in) weight update scale * B A."""
-        return (self.lora_B @ self.lora_A) * self.scale
-
 
 def _targets(model: nn.Module, targets: Iterable[str]):
     targets = tuple(targets)
