@@ -28,6 +28,52 @@ def test_split_statement(statement, prompt, answer):
     assert split_statement(statement) == (prompt, answer)
 
 
+@pytest.mark.parametrize("statement, prompt, answer", [
+    ("I drive a Toyota now", "I drive a", "Toyota"),
+    ("Btw, I drive a Toyota now.", "I drive a", "Toyota"),
+    ("by the way I live in Berlin", "I live in", "Berlin"),
+    ("Just so you know, my doctor is Dr. Chen.", "my doctor is", "Dr. Chen"),       # case as typed
+    ("For the record: I'm a nurse now.", "I'm a", "nurse"),
+    ("FYI I am in Berlin at the moment", "I am in", "Berlin"),
+    ("Oh and I'm vegetarian these days", "I'm", "vegetarian"),
+    ("PS: my cat is named Figaro", "my cat is named", "Figaro"),
+    ("P.S. my cat is named Figaro", "my cat is named", "Figaro"),
+    ("Fun fact: I was born in 1990.", "I was born in", "1990"),
+    ("Reminder: my dentist is Dr. Ro", "my dentist is", "Dr. Ro"),
+    ("Heads up, I moved to Denver", "I moved to", "Denver"),
+    ("Also I live in Berlin", "I live in", "Berlin"),
+    ("Actually, I drive a Toyota nowadays, btw", "I drive a", "Toyota"),
+    ("I live in Paris right now", "I live in", "Paris"),
+    ("I now live in Berlin", "I live in", "Berlin"),
+    ("I'm currently a nurse", "I'm a", "nurse"),
+    ("My doctor is now Dr. Chen", "My doctor is", "Dr. Chen"),
+    ("I don't drive a Subaru anymore", "I don't drive a", "Subaru"),
+    ("From now on my name is Max", "my name is", "Max"),
+    ("Actually I live in Porto now, not Lisbon", "I live in", "Porto"),
+    ("I drive a Toyota (not a Subaru)", "I drive a", "Toyota"),
+    ("please remember that my locker code is 4471", "my locker code is", "4471"),
+    ("Update: I work at Stripe now", "I work at", "Stripe"),
+    # not fillers: a word that starts a name, a capitalised last word, an answer that is all "now"
+    ("Well water is what I drink in Ohio", "Well water is what I drink in", "Ohio"),
+    ("My favourite film is Apocalypse Now", "My favourite film is", "Apocalypse Now"),
+    ("Now That's What I Call Music is my favourite album", "Now That's What I Call Music is",
+     "my favourite album"),
+    ("My time is now", "My time is", "now"),
+    ("My motto: now or never", "My motto:", "now or never"),
+])
+def test_split_statement_drops_words_no_answer_repeats(statement, prompt, answer):
+    assert split_statement(statement) == (prompt, answer)
+
+
+def test_prompt_key_is_the_same_fact_rule():
+    from engram_local.text.facts import prompt_key
+
+    assert prompt_key("My Doctor  is") == prompt_key("my doctor is")
+    assert prompt_key("I'm a") == prompt_key("I am a") == prompt_key("I’m a")
+    assert prompt_key("I now live in") == prompt_key("I live in")
+    assert prompt_key("I drive a") != prompt_key("I drove a")
+
+
 @pytest.mark.parametrize("statement, why", [
     ("Hello world.", "no linking word"),
     ("My doctor is", "no linking word"),

@@ -11,7 +11,7 @@ from engram_local.commands.common import MODEL_HELP
 
 STATEMENT_RULE = ("A STATEMENT is split after its last linking word (is, are, was, in, at, on, "
                   "named, a, ...; or after a colon): \"My doctor is Dr. Krause.\" -> prompt \"My doctor "
-                  "is\", answer \"Dr. Krause\".")
+                  "is\", answer \"Dr. Krause\"; fillers such as \"btw,\" and a final \"now\" are dropped.")
 
 
 def _load(model):
@@ -64,7 +64,10 @@ def remember(model, out_file, statements, prompts, answers, jsonl, user_json, pa
 
     Each fact is stored as a few rows of the model's memory table, fitted so that the model
     continues the prompt with the answer; other text is unaffected. Adding facts to an existing
-    file refits only the rows the new facts touch.
+    file refits only the rows the new facts touch. A fact with the prompt of a fact already in
+    the file is an update: it replaces that fact ("I drive a Toyota now" after "I drive a
+    Subaru"; the change is kept in the file's history, see `facts --history`); the same fact said
+    again writes nothing and prints the existing id.
     """
     from engram_local.memory import facade as memory
 
@@ -101,9 +104,22 @@ def remember(model, out_file, statements, prompts, answers, jsonl, user_json, pa
         raise click.ClickException(str(e))
     for fid in report.new_ids:
         click.echo(fid)
+    by_id = {f.id: f for f in facts}
+    for r in report.history:
+        new = by_id.get(r.by)
+        click.echo(f"engram-local: {r.by} replaces {r.id}: {r.prompt!r} {r.answer} -> "
+                   f"{new.answer if new else '?'}", err=True)
+    for fid in report.unchanged:
+        f = by_id.get(fid)
+        click.echo(f"engram-local: {fid} already says {f.prompt!r} {f.answer}; nothing written for it"
+                   if f else f"engram-local: {fid} unchanged", err=True)
     missed = [f for f, ok in report.recalled.items() if not ok]
-    click.echo(f"engram-local: {len(report.new_ids)} fact(s) written to {out_file}: {report.rows} rows, "
-               f"{report.file_bytes} bytes, {report.seconds:.1f} s", err=True)
+    written = len(report.new_ids) - len(report.unchanged)
+    if written == 0:
+        click.echo(f"engram-local: nothing new; {out_file} unchanged", err=True)
+    else:
+        click.echo(f"engram-local: {written} fact(s) written to {out_file}: {report.rows} rows, "
+                   f"{report.file_bytes} bytes, {report.seconds:.1f} s", err=True)
     if missed:
         click.echo(f"engram-local: warning: not recalled in full after fitting: {', '.join(missed)}", err=True)
 
@@ -111,8 +127,11 @@ def remember(model, out_file, statements, prompts, answers, jsonl, user_json, pa
 @click.command()
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help='Print {"facts": [...]} as JSON.')
-def facts(file, as_json):
-    """List the facts of a user memory file (id, prompt, answer, rows)."""
+@click.option("--history", "with_history", is_flag=True,
+              help='Also list the facts later facts replaced (JSON: "history"), oldest first.')
+def facts(file, as_json, with_history):
+    """List the facts of a user memory file (id, prompt, answer, rows); with --history also
+    the facts later facts replaced, with when and by which."""
     from engram_local.formats.eov import read_memory_file
 
     try:
@@ -125,16 +144,23 @@ def facts(file, as_json):
         out.append({"id": f.id, "prompt": f.prompt, "answer": f.answer, "paraphrases": f.paraphrases,
                     "rows": len(f.entries), "row_ids": [[entries[e][0], entries[e][1]] for e in f.entries],
                     "written": f.written, "method": f.method})
+    history = [r.as_json() for r in mf.history] if with_history else []
     if as_json:
-        click.echo(json.dumps({"file": str(file), "fingerprint": f"{mf.fingerprint:#018x}",
-                               "rows": len(entries), "facts": out}, ensure_ascii=False))
+        doc = {"file": str(file), "fingerprint": f"{mf.fingerprint:#018x}", "rows": len(entries), "facts": out}
+        if with_history:
+            doc["history"] = history
+        click.echo(json.dumps(doc, ensure_ascii=False))
         return
-    if not out:
+    if not out and not history:
         click.echo(f"{file}: no facts")
         return
     for f in out:
         click.echo(f"{f['id']}\t{f['prompt']!r} -> {f['answer']!r}\t{f['rows']} rows\t{f['written']}")
-    click.echo(f"{len(out)} facts, {len(entries)} rows", err=True)
+    for r in history:
+        click.echo(f"({r['id']})\t{r['prompt']!r} -> {r['answer']!r}\twritten {r['written']}\t"
+                   f"replaced {r['replaced']} by {r['by']}")
+    click.echo(f"{len(out)} facts, {len(entries)} rows" + (f", {len(history)} replaced" if with_history else ""),
+               err=True)
 
 
 @click.command()

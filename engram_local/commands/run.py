@@ -17,11 +17,15 @@ import click
 from engram_local.commands.common import MODEL_HELP
 
 REPL_HELP = """Commands:
-  /remember <statement>   store a fact in your memory (the last --overrides file)
-  /facts                  list the facts in your memory
-  /forget <id>            remove a fact
+  /remember <statement>   store a fact in your memory (the last --overrides file), in the background
+  /facts                  list the facts in your memory (after any write still running)
+  /forget <id>            remove a fact (after any write still running)
   /reset                  start a new conversation
-  /exit                   quit (also Ctrl-D)
+  /exit                   quit (also Ctrl-D; waits for a write still running, Ctrl-C to skip it)
+When you state a fact about yourself ("btw I'm allergic to penicillin"), the chat offers to
+remember it after the reply: y writes it, any other key does not (--auto-remember: written
+without asking). Writes run in the background while the chat goes on; a fact applies from the
+first turn after its write has landed, and the chat then says its id ("/forget f7" undoes it).
 Ctrl-C stops a reply and returns to the prompt."""
 
 
@@ -63,14 +67,23 @@ def _err(msg: str) -> None:
 @click.option("--ignore-eos", is_flag=True, help="Keep generating past end-of-turn tokens (benchmarks).")
 @click.option("--timings", is_flag=True,
               help="Print speed figures as one JSON object, the last line of stderr.")
+@click.option("--auto-remember", is_flag=True,
+              help="Chat: write the facts you state about yourself (\"my sister is called Anjali\") to the "
+                   "last --overrides file without asking (default: offer each, one keypress). Questions, "
+                   "hypotheticals, quotes, passing states, plans and facts about other people are not taken.")
 def run(model, overrides, prompt, prompt_file, prompts_jsonl, chat, n_predict, temp, top_p, seed, n_ctx,
-        threads, backend, n_gpu_layers, device, no_skill, ignore_eos, timings):
+        threads, backend, n_gpu_layers, device, no_skill, ignore_eos, timings, auto_remember):
     """Chat with the model, or complete prompts, with your memory.
 
     \b
     engram-local run --overrides me.eov                      interactive chat
+    engram-local run --overrides me.eov --auto-remember      chat that remembers what you say about yourself
     engram-local run --overrides me.eov -p "My doctor is" -n 16 --temp 0
     engram-local run --prompts-jsonl prompts.jsonl --temp 0  batch completion
+
+    In the chat, a fact you state about yourself is offered for memory after the reply (y/N);
+    writes run in the background and apply from the next turn after they land. /help lists the
+    chat commands.
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "passive")
     sources = [x for x in (prompt, prompt_file, prompts_jsonl) if x is not None]
@@ -111,7 +124,7 @@ def run(model, overrides, prompt, prompt_file, prompts_jsonl, chat, n_predict, t
     status = 0
     try:
         if interactive:
-            _repl(session, sampler, n_predict, total, ignore_eos)
+            _repl(session, sampler, n_predict, total, ignore_eos, auto_remember)
         elif jsonl_lines is not None:
             status = _jsonl(session, sampler, n_predict, jsonl_lines, prompts_jsonl, total, ignore_eos, chat)
         else:
@@ -231,28 +244,35 @@ def _give_back_ctrl_c(previous) -> None:
         signal.signal(signal.SIGINT, previous)
 
 
-def _repl(session, sampler, n_predict, total, ignore_eos: bool = False) -> None:
+def _repl(session, sampler, n_predict, total, ignore_eos: bool = False, auto_remember: bool = False) -> None:
     previous = _take_ctrl_c()
+    memory = _Memory(session, auto=auto_remember)
     try:
-        _chat(session, sampler, n_predict, total, ignore_eos)
+        _chat(session, sampler, n_predict, total, ignore_eos, memory)
     finally:
-        _give_back_ctrl_c(previous)
+        try:
+            memory.close()
+        finally:
+            _give_back_ctrl_c(previous)
 
 
-def _chat(session, sampler, n_predict, total, ignore_eos: bool = False) -> None:
+def _chat(session, sampler, n_predict, total, ignore_eos: bool = False, memory=None) -> None:
     from engram_local.runtime.session import PromptTooLong, RunError
 
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    memory = _Memory(session)
+    if memory is None:
+        memory = _Memory(session)
     _err(f"engram-local: {session.backend_name} backend, context {session.n_ctx} tokens"
          + (f", memory {', '.join(map(str, session.override_paths))}" if session.override_paths else ", no memory file")
+         + (" (facts you state are written without asking)" if memory.auto and memory.path is not None else "")
          + ". /help for commands.")
     messages: list[dict] = []
     out = sys.stdout
     while True:
+        memory.settle()                     # writes that landed: applied between turns only
         try:
             line = input("> ")
         except EOFError:
@@ -264,6 +284,7 @@ def _chat(session, sampler, n_predict, total, ignore_eos: bool = False) -> None:
         text = line.strip()
         if not text:
             continue
+        memory.settle()
         if text.startswith("/"):
             cmd, _, arg = text.partition(" ")
             arg = arg.strip()
@@ -298,6 +319,7 @@ def _chat(session, sampler, n_predict, total, ignore_eos: bool = False) -> None:
             _err(f"engram-local: {exc}")
             messages.pop()
             continue
+        offers = memory.spot(line)          # facts stated in the turn (--auto-remember: queued now)
         reply = ""
         try:
             gen = session.generate(ids, n_predict, sampler, on_text=lambda s: (out.write(s), out.flush()),
@@ -312,7 +334,7 @@ def _chat(session, sampler, n_predict, total, ignore_eos: bool = False) -> None:
         out.write("\n")
         out.flush()
         messages.append({"role": "assistant", "content": reply})
-
+        memory.offer(offers)
 
 def _partial(session, prompt_ids) -> str:
     """The text generated before an interrupt (what the backend holds past the prompt)."""
@@ -345,13 +367,62 @@ def _fit_conversation(session, messages, n_predict) -> list[int]:
         _err("engram-local: the conversation no longer fits the context: dropped the oldest turn")
 
 
-class _Memory:
-    """/remember, /facts, /forget on the last --overrides file (engram_local.memory.facade)."""
+def _read_key() -> str:
+    """One keypress from the terminal (no Enter needed), or one line when stdin is not a
+    terminal; "" at end of input. Ctrl-C raises KeyboardInterrupt."""
+    stdin = sys.stdin
+    try:
+        is_tty = stdin.isatty()
+    except (AttributeError, ValueError):
+        is_tty = False
+    if is_tty:
+        try:
+            import termios
+            import tty
+        except ImportError:                 # no termios (Windows): a line instead
+            termios = None
+        if termios is not None:
+            fd = stdin.fileno()
+            old = termios.tcgetattr(fd)
+            try:
+                tty.setcbreak(fd)           # one key, no echo; Ctrl-C still interrupts
+                termios.tcflush(fd, termios.TCIFLUSH)   # keys typed during the reply do not answer
+                ch = os.read(fd, 1)
+            finally:
+                termios.tcsetattr(fd, termios.TCSADRAIN, old)
+            key = ch.decode("utf-8", "replace")
+            _err(key if key.isprintable() else "")
+            return "" if key in ("\x04",) else key
+    line = stdin.readline()
+    key = line.strip()[:1] if line else ""
+    _err(key)
+    return key
 
-    def __init__(self, session):
+
+class _Memory:
+    """The chat's memory: facts spotted in the user's turns (offered, or written with
+    --auto-remember), /remember, /facts, /forget on the last --overrides file.
+
+    Writes go through engram_local.memory.learner.Learner: a worker thread fits and writes the
+    .eov file (atomically) while the chat goes on. A write that has landed is applied by
+    `settle()`, which the chat calls between turns only (never during a reply):
+    Session.reload_overrides() swaps the new file in, and the chat says what was written."""
+
+    def __init__(self, session, auto: bool = False):
+        import queue
+
         self.session = session
+        self.auto = auto
         self.path = session.override_paths[-1] if session.override_paths else None
-        self._model = None          # (EngramModel, tokenizer, fingerprint), loaded on first write
+        self._learner = None
+        self._landed = queue.Queue()        # jobs done, to report and apply at the next turn boundary
+        self._hinted = False
+        self._loading_said = False
+
+    # -------------------------------------------------------------- plumbing
+
+    def _usable(self) -> bool:
+        return self.path is not None and self.session.model_dir is not None
 
     def _ready(self) -> bool:
         if self.path is None:
@@ -362,46 +433,146 @@ class _Memory:
             return False
         return True
 
-    def _fitting_model(self):
-        if self._model is None:
-            from engram_local.memory import facade as memory
+    @property
+    def learner(self):
+        if self._learner is None:
+            from engram_local.memory.learner import Learner
 
-            _err("(loading the model for fitting: first write only)")
-            self._model = memory.load_model_for_memory(self.session.model_dir.path)
-        return self._model
+            self._learner = Learner(self.path, self.session.model_dir.path)
+        return self._learner
 
-    @staticmethod
-    def _progress(total):
-        from tqdm import tqdm
+    def _submit(self, statements) -> bool:
+        try:
+            self.learner.submit(statements, on_done=self._landed.put)
+        except Exception as exc:  # noqa: BLE001 - report and keep the chat alive
+            _err(f"could not remember that: {exc}")
+            return False
+        if not self._loading_said:
+            self._loading_said = True
+            _err("(the first write also loads the model for fitting; the chat goes on meanwhile)")
+        return True
 
-        return tqdm(total=total, desc="fitting", unit="step", leave=False, file=sys.stderr)
+    def _wait(self, what: str) -> bool:
+        """Wait for the writes still running (Ctrl-C stops waiting); False when interrupted."""
+        if self._learner is None or not self._learner.pending:
+            return True
+        n = self._learner.pending
+        _err(f"(waiting for {n} write{'s' if n != 1 else ''} still running {what}; Ctrl-C to stop waiting)")
+        try:
+            while not self._learner.wait(0.2):
+                pass
+        except KeyboardInterrupt:
+            _err("(stopped waiting: the write goes on in the background)")
+            return False
+        return True
+
+    # -------------------------------------------------------------- between turns
+
+    def settle(self) -> None:
+        """Apply and report the writes that have landed (call between turns only)."""
+        import queue
+
+        jobs = []
+        while True:
+            try:
+                jobs.append(self._landed.get_nowait())
+            except queue.Empty:
+                break
+        if not jobs:
+            return
+        if any(j.reports for j in jobs):
+            try:
+                self.session.reload_overrides()
+            except Exception as exc:  # noqa: BLE001
+                _err(f"could not load the new memory file: {exc}")
+        for job in jobs:
+            self._report(job)
+
+    def _report(self, job) -> None:
+        if job.kind == "forget":
+            if job.error is not None:
+                _err(f"could not forget {', '.join(job.ids)}: {job.error}")
+            else:
+                _err(f"(forgot {', '.join(job.ids)})")
+            return
+        for f in job.facts:
+            if f.id in job.new_ids:
+                old = job.replaced.get(f.id)
+                ok = job.recalled.get(f.id)
+                _err(f"(remembered [{f.id}] {f.prompt!r} -> {f.answer!r}"
+                     + (f", replacing {old}" if old else "")
+                     + ("; not yet recalled exactly" if ok is False else "")
+                     + f"; /forget {f.id} to undo)")
+            elif f.id is not None and f.id in job.unchanged:
+                _err(f"(already remembered [{f.id}] {f.prompt!r} -> {f.answer!r})")
+        for statement, message in job.errors:
+            _err(f"could not remember {statement!r}: {message}")
+        if job.error is not None and not job.errors:
+            _err(f"could not remember that: {job.error}")
+
+    # -------------------------------------------------------------- facts in the conversation
+
+    def spot(self, turn: str) -> list:
+        """Facts about the user in `turn` not yet stored; with --auto-remember they are queued
+        at once (the write runs during the reply), otherwise returned to `offer` after it."""
+        if not self._usable():
+            if self.path is None and not self._hinted:
+                from engram_local.text.statements import extract_facts
+
+                if extract_facts(turn):
+                    self._hinted = True
+                    return ["hint"]
+            return []
+        try:
+            proposals = self.learner.propose(turn)
+        except Exception:  # noqa: BLE001 - spotting facts must never break the chat
+            return []
+        if proposals and self.auto:
+            if self._submit(proposals):
+                return [("queued", p) for p in proposals]
+            return []
+        return proposals
+
+    def offer(self, proposals) -> None:
+        """After the reply: say what --auto-remember queued, or ask about each fact (one key)."""
+        for p in proposals:
+            if p == "hint":
+                _err("(that sounds like a fact about you: start with --overrides FILE.eov to let the chat "
+                     "remember such facts)")
+                continue
+            if isinstance(p, tuple):
+                _err(f"(remembering \"{p[1].statement}\" in the background)")
+                continue
+            click.echo(f"remember \"{p.statement}\"{' (replaces ' + p.replaces + ')' if p.replaces else ''}? "
+                       f"[y/N] ", err=True, nl=False)
+            try:
+                key = _read_key()
+            except KeyboardInterrupt:
+                _err("")
+                key = ""
+            if key.lower() == "y":
+                self._submit([p])
+
+    # -------------------------------------------------------------- commands
 
     def remember(self, statement: str) -> None:
         if not self._ready():
             return
-        from engram_local.memory import facade as memory
+        from engram_local.text.facts import FactInputError, split_statement
 
         try:
-            prompt, answer = memory.split_statement(statement)
-            em, tok, fp = self._fitting_model()
-            report = memory.remember(self.path, [memory.NewFact(prompt=prompt, answer=answer)], em, tok, fp,
-                                     progress=self._progress)
-        except KeyboardInterrupt:
-            _err("(interrupted: nothing written)")
-            return
-        except Exception as exc:  # noqa: BLE001 - report and keep the chat alive
+            prompt, answer = split_statement(statement)
+        except FactInputError as exc:
             _err(f"could not remember that: {exc}")
             return
-        self.session.reload_overrides()
-        fid = report.new_ids[0] if report.new_ids else "?"
-        ok = report.recalled.get(fid)
-        _err(f"(remembered [{fid}] {prompt!r} -> {answer!r}"
-             + ("" if ok is None else ("; recalled" if ok else "; not yet recalled exactly"))
-             + "; conversation state reset)")
+        if self._submit([statement]):
+            _err(f"(remembering {prompt!r} -> {answer!r} in the background)")
 
     def facts(self) -> None:
         if not self._ready():
             return
+        self._wait("first")
+        self.settle()
         from engram_local.formats.eov import read_memory_file
 
         if not self.path.exists():
@@ -420,19 +591,29 @@ class _Memory:
     def forget(self, fact_id: str) -> None:
         if not self._ready():
             return
-        from engram_local.memory import facade as memory
-
-        if not self.path.exists():
+        if not self.path.exists() and not (self._learner is not None and self._learner.pending):
             _err(f"no fact {fact_id!r}: {self.path} does not exist yet")
             return
         try:
-            em, tok, fp = self._fitting_model()
-            memory.forget(self.path, [fact_id], em, tok, fp, progress=self._progress)
-        except KeyboardInterrupt:
-            _err("(interrupted: nothing changed)")
-            return
+            job = self.learner.forget([fact_id], on_done=self._landed.put)
         except Exception as exc:  # noqa: BLE001
             _err(f"could not forget {fact_id}: {exc}")
             return
-        self.session.reload_overrides()
-        _err(f"(forgot {fact_id}; conversation state reset)")
+        if self._learner.pending > 1:
+            _err(f"({fact_id} is forgotten after the {self._learner.pending - 1} write(s) still running)")
+        try:
+            while not job.wait(0.2):
+                pass
+        except KeyboardInterrupt:
+            _err(f"(stopped waiting: {fact_id} is forgotten in the background)")
+            return
+        self.settle()
+
+    def close(self) -> None:
+        """At the end of the chat: let the writes still running land (Ctrl-C: quit without them;
+        the file keeps its last complete state)."""
+        if self._learner is None:
+            return
+        if self._wait("before quitting"):
+            self.settle()
+        self._learner.close(wait=False)

@@ -21,9 +21,12 @@ from engram_local.commands.common import MODEL_HELP
 @click.option("--lr", type=float, default=None, help="Adam learning rate (default 1e-3).")
 @click.option("--rank", type=int, default=None, help="LoRA rank (default 16; alpha = 2 x rank).")
 @click.option("--kinds", default=None,
-              help="Sample kinds, comma-separated, from fact,reason,chat,qa,irecite (default: fact,reason,chat,qa).")
-@click.option("--no-rows", is_flag=True,
-              help="Train without the training users' facts written as Engram rows (ablation).")
+              help="Sample kinds, comma-separated, from fact,reason,chat,qa,irecite,fchat,echo,prose "
+                   "(default: fact,reason,chat,qa, the shipped recite recipe; the echo recipe is "
+                   "--kinds fact,reason,fchat,echo,prose --no-rows, and prose needs the corpus: "
+                   "scripts/build_corpus.py).")
+@click.option("--rows/--no-rows", default=True, show_default=True,
+              help="Train with each training user's facts written as Engram rows and attached.")
 @click.option("--chat-rows", is_flag=True,
               help="Fit the training users' rows in chat form too, as `remember` does with an adapter.")
 @click.option("--seed", type=int, default=None, help="Seed of the sample order and the LoRA init (default 42).")
@@ -34,14 +37,16 @@ from engram_local.commands.common import MODEL_HELP
 @click.option("-t", "--threads", type=int, default=None, help="CPU threads for torch.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the training report as one JSON object.")
-def train_skill(model, out_file, users, steps, batch, lr, rank, kinds, no_rows, chat_rows, seed, work_dir,
+def train_skill(model, out_file, users, steps, batch, lr, rank, kinds, rows, chat_rows, seed, work_dir,
                 peft_out, threads, quiet, as_json):
     """Train the shared skill adapter: one LoRA for every user.
 
-    The adapter teaches the model to answer questions about the user by first saying the
-    remembered fact in the words it was written ("Who is my doctor?" -> "My primary doctor is
-    Dr. Krause."), so the user's Engram rows, keyed on those words, supply the answer. Each
-    training user's facts are written as rows first and stay attached while the adapter trains.
+    The shipped (recite) recipe teaches the model to answer questions about the user by first
+    saying the remembered fact in the words it was written ("Who is my doctor?" -> "My primary
+    doctor is Dr. Krause."), with each training user's facts written as rows and attached. The
+    echo recipe (--kinds fact,reason,fchat,echo,prose --no-rows) teaches it to turn the question
+    into its statement instead ("My doctor is ..."), the value left to the rows, which
+    `remember` also fits in those replies; see docs/skill.md for what each measured.
 
     \b
     Examples:
@@ -70,7 +75,7 @@ def train_skill(model, out_file, users, steps, batch, lr, rank, kinds, no_rows, 
         if bad or not chosen:
             raise click.BadParameter(f"{kinds!r}: choose from {','.join(KINDS)}", param_hint="--kinds")
         s.kinds = chosen
-    s.rows, s.chat_rows = not no_rows, chat_rows
+    s.rows, s.chat_rows = rows, chat_rows
     if not out_file.endswith(".gguf"):
         raise click.BadParameter(f"{out_file}: the adapter is a GGUF file; name it *.gguf", param_hint="-o")
     try:

@@ -7,9 +7,13 @@ Layout (EOV_FORMAT_VERSION 1; constants.py names every key and tensor; `gguf-dum
   eov.layers             int32[]  layer ids with rows (absent when there are none)
   eov.ledger             string   JSON fact ledger (absent in a file that carries no facts):
       {"facts": [{"id", "prompt", "answer", "paraphrases" (if any), "written" (UTC ISO-8601),
-                  "method" (if not "joint"), "entries": [i, ...]}, ...]}
+                  "method" (if not "joint"), "entries": [i, ...]}, ...],
+       "history": [{"id", "prompt", "answer", "paraphrases" (if any), "written", "replaced"
+                    (UTC ISO-8601), "by" (the id of the fact that replaced it)}, ...] (if any)}
       `entries` index the file's entries, counted through the layers in eov.layers order;
-      they are the rows written for that fact (rows shared by several facts are listed by each)
+      they are the rows written for that fact (rows shared by several facts are listed by each).
+      `history` holds the facts later facts replaced (an update: the same prompt, a new answer),
+      oldest first; they have no rows. A file without "history" reads as having none.
   eov.{layer}.rows       I64 [n]           ascending by (row, key)
   eov.{layer}.keys       I64 [n]           exact N-gram key of the look-up the row serves; -1 = any
   eov.{layer}.values     F16/F32 [n, head_dim]
@@ -91,12 +95,59 @@ class LedgerFact:
 
 
 @dataclass
+class ReplacedFact:
+    """A fact of the ledger's history: replaced at `replaced` by the fact with id `by`."""
+    id: str
+    prompt: str
+    answer: str
+    written: str = ""                                    # UTC ISO-8601, when it was written
+    replaced: str = ""                                   # UTC ISO-8601, when it was replaced
+    by: str = ""                                         # the id of the fact that replaced it
+    paraphrases: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict:
+        d = {"id": self.id, "prompt": self.prompt, "answer": self.answer}
+        if self.paraphrases:
+            d["paraphrases"] = list(self.paraphrases)
+        d.update(written=self.written, replaced=self.replaced, by=self.by)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict, where: str) -> "ReplacedFact":
+        try:
+            return cls(id=str(d["id"]), prompt=str(d["prompt"]), answer=str(d["answer"]),
+                       written=str(d.get("written", "")), replaced=str(d.get("replaced", "")),
+                       by=str(d.get("by", "")), paraphrases=[str(p) for p in d.get("paraphrases", [])])
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise MemoryFileError(f"{where}: malformed history record in the ledger: {exc!r}") from None
+
+
+def live_history(history: Sequence[ReplacedFact], facts: Sequence[LedgerFact]) -> list[ReplacedFact]:
+    """The records of `history` whose chain of replacements ends in one of `facts`: a record's
+    successor is the fact `by` names, or, when no fact has that id, a later record with that id.
+    The records of a chain whose last fact was forgotten are dropped with it, so `forget` leaves
+    no earlier answer of a forgotten fact in the file."""
+    ids = {f.id for f in facts}
+    alive = [False] * len(history)
+    for i in range(len(history) - 1, -1, -1):
+        r = history[i]
+        if r.by in ids:
+            alive[i] = True
+        else:
+            later = [j for j in range(i + 1, len(history)) if history[j].id == r.by]
+            alive[i] = bool(later) and alive[later[0]]
+    return [r for r, a in zip(history, alive) if a]
+
+
+@dataclass
 class MemoryFile:
-    """The content of an .eov file: entries per layer and the facts that own them."""
+    """The content of an .eov file: entries per layer, the facts that own them, and the
+    history of replaced facts (oldest first)."""
     fingerprint: int
     layers: dict[int, OverrideSet] = field(default_factory=dict)
     facts: list[LedgerFact] = field(default_factory=list)
     path: str | None = None
+    history: list["ReplacedFact"] = field(default_factory=list)
 
     def entries(self) -> list[tuple[int, int, int]]:
         """(layer, row, key) of every entry, in ledger order (layers ascending)."""
@@ -151,12 +202,16 @@ def _build_sets(sets: Mapping[int, tuple]) -> dict[int, OverrideSet]:
 
 
 def write_memory_file(path: str | os.PathLike, fingerprint: int, sets: Mapping[int, tuple],
-                      facts: Iterable[LedgerFact] | None = None) -> None:
-    """Write `{layer: (rows, keys or None, values)}` and the ledger `facts` atomically.
+                      facts: Iterable[LedgerFact] | None = None,
+                      history: Sequence[ReplacedFact] = ()) -> None:
+    """Write `{layer: (rows, keys or None, values)}`, the ledger `facts` and its `history`
+    (replaced facts, oldest first) atomically.
 
     Entries may come in any order: they are sorted by (row, key) here and the facts' entry
     indices are remapped to the sorted order (indices given count through `sets` in ascending
     layer order, each layer's entries as given). Duplicate (row, key) pairs are an error.
+    Only the history records whose chain of replacements ends in one of `facts` are written
+    (`live_history`).
     """
     fingerprint = _check_fingerprint(fingerprint)
     facts = list(facts) if facts is not None else None
@@ -197,6 +252,9 @@ def write_memory_file(path: str | os.PathLike, fingerprint: int, sets: Mapping[i
         writer.add_array(constants.KEY_EOV_LAYERS, list(built))
     if facts is not None:
         ledger = {"facts": [f.as_json() for f in facts]}
+        kept = live_history(list(history), facts)
+        if kept:
+            ledger["history"] = [r.as_json() for r in kept]
         writer.add_string(constants.KEY_EOV_LEDGER, json.dumps(ledger, ensure_ascii=False,
                                                                separators=(",", ":")))
     for layer, override in built.items():
@@ -368,6 +426,7 @@ def read_memory_file(path: str | os.PathLike, fingerprint: int | None = None,
             raise MemoryFileError(f"{where}: layer {layer}: {exc}") from exc
 
     facts: list[LedgerFact] = []
+    history: list[ReplacedFact] = []
     ledger = value(constants.KEY_EOV_LEDGER, required=False)
     if ledger is not None:
         try:
@@ -387,7 +446,15 @@ def read_memory_file(path: str | os.PathLike, fingerprint: int | None = None,
                 raise MemoryFileError(f"{where}: fact {fact.id!r} lists entry {bad[0]}, the file has "
                                       f"{n_entries}")
             facts.append(fact)
-    return MemoryFile(fingerprint=int(file_fingerprint), layers=sets, facts=facts, path=where)
+        records = doc.get("history", []) if isinstance(doc, dict) else []
+        if not isinstance(records, list):
+            raise MemoryFileError(f"{where}: {constants.KEY_EOV_LEDGER} history is not a list")
+        for d in records:
+            if not isinstance(d, dict):
+                raise MemoryFileError(f"{where}: malformed history record in the ledger: {d!r}")
+            history.append(ReplacedFact.from_json(d, where))
+    return MemoryFile(fingerprint=int(file_fingerprint), layers=sets, facts=facts, path=where,
+                      history=history)
 
 
 # --------------------------------------------------------------------------- the minimal API

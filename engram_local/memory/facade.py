@@ -194,6 +194,11 @@ class WriteReport:
     file_bytes: int
     seconds: float
     steps: int
+    # remember: new fact id -> id of the fact it replaced (ids joined by ", " when it replaced
+    # several); empty when none
+    replaced: dict[str, str] = field(default_factory=dict)
+    unchanged: list[str] = field(default_factory=list)    # remember: ids of facts said again, as they were
+    history: list = field(default_factory=list)           # remember: the ReplacedFact records it added
 
 
 def _fit_inputs(mf, write_layer: int):
@@ -240,7 +245,7 @@ def _write_result(path, mf, res, facts_meta, write_layer: int, value_type: str, 
             if layer is not None and layer != write_layer:
                 entries.append(offsets[layer] + e - old_off[layer])
         f.entries = sorted(set(entries))
-    write_memory_file(path, fingerprint, sets, facts_meta)
+    write_memory_file(path, fingerprint, sets, facts_meta, history=mf.history)
 
 
 def _next_ids(taken: set[str], n: int) -> list[str]:
@@ -255,32 +260,142 @@ def _next_ids(taken: set[str], n: int) -> list[str]:
     return out
 
 
-def fact_inputs(facts, em, tok, chat: bool | None = None) -> list:
+# The chat replies each fact is fitted in when the model carries the skill adapter:
+# "recite" - the fact said in its written words after two stand-in questions (text.facts);
+# "echo"   - the reply that echoes a question made from the fact's words (text.questions), the
+#            form the adapter is trained to answer in (train.skill kind "echo").
+CHAT_FORMS = ("recite",)
+ECHO_FORMS_PER_FACT = 4
+
+
+def fact_inputs(facts, em, tok, chat: bool | None = None, forms: Sequence[str] | None = None) -> list:
     """The writer's FactIn of ledger or new facts. With `chat` (default: when `em` carries the
-    skill adapter) each fact is also fitted as the adapter recites it in a chat reply."""
+    skill adapter) each fact is also fitted in the chat replies of `forms` (CHAT_FORMS)."""
     from engram_local.memory.writer import FactIn
+    from engram_local.text.questions import echo_contexts
 
     if chat is None:
         chat = getattr(em, "skill_adapter", None) is not None
-    contexts = {}
+    contexts: dict = {}
     if chat:
-
-        contexts = chat_contexts(facts, tok)
+        forms = CHAT_FORMS if forms is None else tuple(forms)
+        parts = ([chat_contexts(facts, tok)] if "recite" in forms else []) + \
+                ([echo_contexts(facts, tok, ECHO_FORMS_PER_FACT)] if "echo" in forms else [])
+        for part in parts:
+            for fid, ctx in part.items():
+                have = contexts.setdefault(fid, [])
+                have += [c for c in ctx if c not in have]
     return [FactIn(f.id, [f.prompt] + list(f.paraphrases), f.answer, contexts=contexts.get(f.id, []))
             for f in facts]
+
+
+def _norm_answer(answer: str) -> str:
+    return " ".join(str(answer).split())
+
+
+def _prompts(f) -> list[str]:
+    return [f.prompt] + list(f.paraphrases)
+
+
+def _among(f, facts) -> bool:
+    return any(f is g for g in facts)
+
+
+@dataclass
+class _Updates:
+    """What `remember`'s facts do to a ledger, taken one at a time in the order given."""
+    result: list = field(default_factory=list)      # per fact given: the fact now holding it (new or restated)
+    unchanged: list = field(default_factory=list)   # the facts given that restate a fact: (index, that fact)
+    current: list = field(default_factory=list)     # the ledger after the call: LedgerFacts kept + NewFacts
+    created: list = field(default_factory=list)     # every NewFact of the call that is not a restatement
+    records: list = field(default_factory=list)     # (replaced fact, NewFact replacing it), in order
+    keep_out: list = field(default_factory=list)    # (prompt, answer) of replaced facts no fact writes now
+
+
+def _plan_updates(mf, new: list[NewFact], tok, path) -> _Updates:
+    """Match the new facts against the ledger, one at a time in the order given (so a call is the
+    same as its facts remembered one by one, fitted once): a fact that shares a prompt with a
+    fact already there (text.facts.prompt_key: case, spacing and "I'm"/"I am" aside; main
+    prompt or paraphrase) replaces it and takes over its other prompts as paraphrases (when the
+    answer can follow them), unless it says the same (same prompt, same answer, no new
+    paraphrase): then it restates that fact and nothing is written for it. Raises FactInputError,
+    before anything is fitted, on a bad or taken id or an answer the tokenizer cannot produce."""
+    from engram_local.memory.writer import FitError, answer_tokens
+    from engram_local.text.facts import prompt_key
+
+    up = _Updates(current=list(mf.facts))
+    keys = {id(g): {prompt_key(p) for p in _prompts(g)} for g in mf.facts}
+    for i, given in enumerate(new):
+        f = NewFact(given.prompt, given.answer, given.id, list(given.paraphrases))
+        label = repr(f.id) if f.id is not None else f"#{i + 1} ({f.prompt!r} -> {f.answer!r})"
+        if f.id is not None and (not f.id or any(c.isspace() for c in f.id)):
+            raise FactInputError(f"fact id {f.id!r}: ids must be non-empty and contain no spaces")
+        fkeys = [prompt_key(p) for p in _prompts(f)]
+        matches = [g for g in up.current if keys[id(g)] & set(fkeys)]
+        if (len(matches) == 1 and prompt_key(matches[0].prompt) == fkeys[0]
+                and _norm_answer(matches[0].answer) == _norm_answer(f.answer)
+                and set(fkeys) <= keys[id(matches[0])]
+                and (f.id is None or f.id == matches[0].id or all(g.id != f.id for g in up.current))):
+            up.result.append(matches[0])
+            up.unchanged.append((i, matches[0]))
+            continue
+        if f.id is not None:
+            clash = [g for g in up.current + up.created if g.id == f.id and not _among(g, matches)]
+            if clash:
+                where = f"is already in {path}" if _among(clash[0], mf.facts) else "is given twice in this call"
+                raise FactInputError(f"fact id {f.id!r} {where}; forget it first to rewrite it")
+        try:
+            for p in _prompts(f):
+                answer_tokens(tok, p, f.answer)
+        except FitError as exc:
+            raise FactInputError(f"fact {label}: {exc}") from None
+        others = {k for g in up.current if not _among(g, matches) for k in keys[id(g)]}
+        own = set(_prompts(f))
+        for g in matches:
+            for q in _prompts(g):
+                if q in own or prompt_key(q) in others:
+                    continue
+                try:
+                    answer_tokens(tok, q, f.answer)
+                except FitError:
+                    continue
+                f.paraphrases.append(q)
+                own.add(q)
+            up.records.append((g, f))
+        up.current = [g for g in up.current if not _among(g, matches)] + [f]
+        keys[id(f)] = {prompt_key(p) for p in _prompts(f)}
+        up.created.append(f)
+        up.result.append(f)
+    written = {k for g in up.current for k in keys[id(g)]}
+    for g in mf.facts:
+        if not _among(g, up.current):
+            up.keep_out += [(q, g.answer) for q in _prompts(g) if prompt_key(q) not in written]
+    return up
 
 
 def remember(path: str | os.PathLike, new: Iterable[NewFact], em, tok, fingerprint: int,
              method: str = "joint", value_type: str | None = None, settings=None,
              progress=None, chat: bool | None = None) -> WriteReport:
     """Add facts to the .eov file at `path` (created if missing), refitting what the new rows
-    touch; returns the new facts' ids. Nothing is written when any fact is invalid. `chat`:
-    also fit each fact in the chat form the skill adapter recites it in (default: when the
-    model carries the adapter)."""
+    touch; returns the new facts' ids. `chat`: also fit each fact in the chat form the skill
+    adapter recites it in (default: when the model carries the adapter).
+
+    Facts change: a new fact that shares a prompt with a fact of the file (compared by
+    text.facts.prompt_key: case, spacing and "I'm"/"I am" aside) replaces it in the same write:
+    the old fact leaves the ledger for its history (with the time it was replaced and the new
+    fact's id), the rows only it used are dropped, rows it shared are refitted, and its prompts
+    give the new answer (prompts spelled differently become paraphrases of the new fact).
+    The new fact gets a fresh id (or the id given, which may be the replaced fact's);
+    `WriteReport.replaced` maps each new id to the id it replaced. Saying the same again (same
+    prompt, same answer) writes nothing for that fact and reports the existing id (in `new_ids`
+    and `unchanged`). The facts of one call are taken in order, as if remembered one at a
+    time: of two with the same prompt the later wins (the earlier goes to the history).
+    Nothing is written when any fact is invalid."""
     import time
 
-    from engram_local.formats.eov import LedgerFact, MemoryFile, locked, read_memory_file, utc_now
-    from engram_local.memory.writer import FitError, FitSettings, Fitter, answer_tokens
+    from engram_local.formats.eov import (LedgerFact, MemoryFile, ReplacedFact, locked, read_memory_file,
+                                          utc_now)
+    from engram_local.memory.writer import FactIn, FitSettings, Fitter, answer_tokens
 
     t0 = time.time()
     new = list(new)
@@ -292,46 +407,56 @@ def remember(path: str | os.PathLike, new: Iterable[NewFact], em, tok, fingerpri
             mf = read_memory_file(path, fingerprint)
         else:
             mf = MemoryFile(fingerprint=fingerprint)
-        taken = {f.id for f in mf.facts}
-        by_prompt = {f.prompt: f for f in mf.facts}
-        ids_given = [f.id for f in new if f.id is not None]
-        fresh = iter(_next_ids(taken | set(ids_given), sum(f.id is None for f in new)))
-        seen_prompts = {}
-        for f in new:
+        up = _plan_updates(mf, new, tok, path)
+        taken = ({f.id for f in mf.facts} | {r.id for r in mf.history}
+                 | {f.id for f in up.created if f.id is not None})
+        fresh = iter(_next_ids(taken, sum(f.id is None for f in up.created)))
+        for f in up.created:
             if f.id is None:
                 f.id = next(fresh)
-            if not f.id or any(c.isspace() for c in f.id):
-                raise FactInputError(f"fact id {f.id!r}: ids must be non-empty and contain no spaces")
-            try:
-                for p in [f.prompt] + list(f.paraphrases):
-                    answer_tokens(tok, p, f.answer)
-            except FitError as exc:
-                raise FactInputError(f"fact {f.id!r}: {exc}") from None
-            if f.id in taken:
-                raise FactInputError(f"fact id {f.id!r} is already in {path}; forget it first to rewrite it")
-            for p in [f.prompt] + list(f.paraphrases):
-                other = by_prompt.get(p) or seen_prompts.get(p)
-                if other is not None:
-                    raise FactInputError(f"prompt {p!r} of fact {f.id!r} is already written for fact "
-                                         f"{other.id!r}; forget that one first")
-                seen_prompts[p] = f
-            taken.add(f.id)
+        for f, r in zip(new, up.result):
+            f.id = r.id
+        unchanged = [r.id for _, r in up.unchanged]
+        writes = [f for f in up.current if isinstance(f, NewFact)]
+        if not writes and not up.records:
+            rows = sum(len(s) for s in mf.layers.values())
+            return WriteReport(new_ids=[r.id for r in up.result], recalled={}, rows=rows,
+                               file_bytes=os.path.getsize(path), seconds=time.time() - t0, steps=0,
+                               unchanged=unchanged)
+        keep = [f for f in up.current if isinstance(f, LedgerFact)]
+        gone = {f.id for f in mf.facts} - {f.id for f in keep}
         vt = value_type or (mf.value_type() if mf.layers else "f16")
         s = settings or FitSettings()
         s.method, s.value_dtype = method, vt
         fitter = Fitter(em, tok, s, progress=progress)
         existing, owner = _fit_inputs(mf, wl)
-        ins = fact_inputs(list(mf.facts) + new, em, tok, chat)
+        if gone:   # drop the rows only the replaced facts used (as forget does)
+            kept_keys = {k for f in keep for k in owner[f.id]}
+            orphan_keys = {k for k in existing if not any(k in v for v in owner.values())}
+            existing = {k: v for k, v in existing.items() if k in kept_keys or k in orphan_keys}
+            owner = {f.id: owner[f.id] for f in keep}
+        ins = fact_inputs(keep + writes, em, tok, chat)
         with _bare(em):
+            for q, answer in up.keep_out:
+                n = len(answer_tokens(tok, q, answer)[1])
+                ins.append(FactIn(f"replaced:{len(ins)}", [q], answer, keep_out=True,
+                                  keep_out_tokens=greedy(em, tok, q, n)))
             res = fitter.fit(ins, existing, owner)
         now = utc_now()
-        meta = list(mf.facts) + [LedgerFact(id=f.id, prompt=f.prompt, answer=f.answer,
-                                            paraphrases=list(f.paraphrases), written=now, method=method)
-                                 for f in new]
+        meta = keep + [LedgerFact(id=f.id, prompt=f.prompt, answer=f.answer, paraphrases=list(f.paraphrases),
+                                  written=now, method=method) for f in writes]
+        added = [ReplacedFact(id=g.id, prompt=g.prompt, answer=g.answer, paraphrases=list(g.paraphrases),
+                              written=g.written if isinstance(g, LedgerFact) else now, replaced=now, by=f.id)
+                 for g, f in up.records]
+        mf.history = list(mf.history) + added
         _write_result(path, mf, res, meta, wl, vt, fingerprint)
         size = os.path.getsize(path)
-    return WriteReport(new_ids=[f.id for f in new], recalled=res.recalled, rows=len(res.rows),
-                       file_bytes=size, seconds=time.time() - t0, steps=res.steps)
+    replaced = {}
+    for g, f in up.records:
+        replaced[f.id] = g.id if f.id not in replaced else replaced[f.id] + ", " + g.id
+    return WriteReport(new_ids=[r.id for r in up.result], recalled=res.recalled, rows=len(res.rows),
+                       file_bytes=size, seconds=time.time() - t0, steps=res.steps, replaced=replaced,
+                       unchanged=unchanged, history=added)
 
 
 def greedy(em, tok, prompt: str, n: int, stacks=None) -> list[int]:

@@ -96,7 +96,17 @@ def _from_gguf(path: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    # transformers' GGUF reader draws its own tqdm bar (not behind disable_progress_bar); the
+    # caller has already said what it is doing, so no bar in the user's terminal
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = getattr(gguf_utils, "tqdm", None)
+    gguf_utils.tqdm = lambda it, *a, **k: it
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    finally:
+        if bar is not None:
+            gguf_utils.tqdm = bar
     # The weights are already dequantized to fp32; drop the GGUF marker so the model saves as a
     # plain checkpoint.
     model.hf_quantizer = None

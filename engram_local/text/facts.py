@@ -32,27 +32,93 @@ _LINK_RE = re.compile(r"(?:\b(?:" + "|".join(_LINKS) + r")\b|(?<=\w)'m\b|(?<=\w)
 _ARTICLE_RE = re.compile(r"\b(?:" + "|".join(_ARTICLES) + r")\b")
 
 
-def split_statement(statement: str) -> tuple[str, str]:
-    """(prompt, answer) of a plain sentence such as "My doctor is Dr. Krause.".
+# Words a statement often carries that no answer repeats. Leading discourse fillers ("btw,",
+# "Just so you know:") always go; the ones that are ordinary words too ("also", "so", "now",
+# "actually", "reminder") go only before a separator (, : ; ! . - and dashes) or before a word that
+# starts a clause ("I", "my", "the", ...), so "Well water is ..." keeps its "Well". Trailing
+# fillers (", btw"), corrections (", not Lisbon") and time adverbs ("now", "these days") go from
+# the end; the adverbs only in lower case, so an answer such as "Apocalypse Now" keeps its last word.
+_LEAD_FILLERS = ("by the way", "btw", "fyi", "for your information", "for the record", "just so you know",
+                 "so you know", "just to let you know", "just letting you know", "for what it's worth",
+                 "fwiw", "ps", "p.s.", "p.p.s.", "heads up", "just a heads up", "fun fact", "side note",
+                 "quick update", "just a reminder", "for future reference", "from now on", "oh by the way",
+                 "oh btw", "oh and", "oh also", "and also", "just fyi", "remember that", "please remember that",
+                 "please remember", "please note that", "note that", "keep in mind that",
+                 "don't forget that", "do not forget that")
+_LEAD_WORDS = ("oh", "and", "also", "plus", "so", "well", "ok", "okay", "hey", "hi", "hello", "anyway",
+               "anyways", "actually", "in fact", "update", "correction", "reminder", "note", "remember",
+               "to be clear", "to clarify", "now", "currently", "these days", "nowadays", "at the moment",
+               "right now", "as of now", "as of today", "lately", "at present")
+_CLAUSE_START = ("i", "i'm", "i’m", "i've", "i’ve", "i'd", "i’d", "i'll", "i’ll", "my", "mine", "me", "we",
+                 "we're", "we’re", "our", "you", "your", "the", "a", "an", "he", "she", "his", "her", "they",
+                 "their", "it", "it's", "it’s", "there")
+_TRAIL_FILLERS = ("by the way", "btw", "fyi", "for the record", "just so you know", "so you know",
+                  "for what it's worth", "fwiw", "just fyi", "for future reference")
+_TRAIL_ADVERBS = ("now", "right now", "for now", "as of now", "as of today", "these days", "nowadays",
+                  "at the moment", "at present", "currently", "anymore", "any more", "again", "lately",
+                  "from now on")
+# time adverbs dropped inside the prompt ("I now live in" -> "I live in") and at the start of
+# the answer ("My doctor is now Dr. Chen" -> "Dr. Chen"), lower case only; not in phrases such
+# as "from now on", "until now", "now that"
+_INNER_ADVERBS = ("now", "currently", "nowadays")
+_INNER_KEEP_BEFORE = ("from", "until", "till", "up", "by", "right", "just", "for", "as", "of", "to", "than",
+                      "since", "before", "know", "knew")
+_INNER_KEEP_AFTER = ("on", "that", "and", "or", "then")
 
-    Rule: drop surrounding whitespace and one final ".", "!" or ";" (a question is refused);
-    if the sentence has a colon followed by a space, the answer is what follows the last one
-    ("Home city: Portland"; "10:00" is no such colon); otherwise the answer is what follows the LAST linking word - a copula (is, are,
-    was, were, am, 'm, 're), a preposition (in, at, on, by, to, from, for, with, of, as, into,
-    near), "named"/"called", or a lower-case article (a, an, the). The prompt is everything up
-    to and including that word. Examples: "My doctor is Dr. Krause." -> ("My doctor is",
-    "Dr. Krause"); "I live in Portland" -> ("I live in", "Portland"); "My usual coffee order is
-    a cortado." -> ("My usual coffee order is a", "cortado"); "I have a cat named Figaro" ->
-    ("I have a cat named", "Figaro"). An answer that itself contains a linking word ("Lord of
-    the Rings") is cut at it: give such facts with --prompt/--answer.
-    """
-    s = " ".join(statement.split())
-    if s.endswith("?"):
-        raise FactInputError(f"{statement!r} is a question, not a statement of a fact")
-    if s and s[-1] in _TRAILING:
-        s = s[:-1].rstrip()
-    if not s:
-        raise FactInputError("empty statement")
+
+def _alternation(words) -> str:
+    return "|".join(re.escape(w) for w in sorted(set(words), key=len, reverse=True))
+
+
+_SEP = r"(?:\s*(?:[,:;!.…]|\s-+|[—–])+)"
+_LEAD_RE = re.compile(rf"^(?:{_alternation(_LEAD_FILLERS)})(?:{_SEP}\s+|\s+)", re.IGNORECASE)
+_LEAD_WORD_RE = re.compile(
+    rf"^(?:{_alternation(_LEAD_WORDS)})(?:{_SEP}\s+|\s+(?=(?:{_alternation(_CLAUSE_START)})(?![\w'’])))",
+    re.IGNORECASE)
+_TRAIL_FILLER_RE = re.compile(rf"(?:{_SEP}?\s+|\s*[—–]\s*)(?:{_alternation(_TRAIL_FILLERS)})\s*[.!;]?$",
+                              re.IGNORECASE)
+_TRAIL_ADVERB_RE = re.compile(rf"(?:,?\s+|\s*[—–]\s*)(?:{_alternation(_TRAIL_ADVERBS)})\s*[.!;]?$")
+# a trailing correction names the old answer, never the new one: "Porto, not Lisbon"
+_TRAIL_CORRECTION_RE = re.compile(r"(?:,\s*|\s*[—–]\s*|\s+\()(?:not|instead of|rather than|no longer)\s[^,;()]+\)?$")
+_INNER_RE = re.compile(rf"(?<![\w'’-])(?:{_alternation(_INNER_ADVERBS)})(?![\w'’-])")
+
+
+def _drop_fillers(s: str) -> str:
+    """`s` without leading discourse fillers and trailing fillers or time adverbs (each
+    repeatedly: "Oh and btw, I drive a Toyota now, fyi" -> "I drive a Toyota"); never empty."""
+    while True:
+        t = s
+        for rx in (_LEAD_RE, _LEAD_WORD_RE):
+            m = rx.match(t)
+            if m and t[m.end():].strip():
+                t = t[m.end():]
+        for rx in (_TRAIL_FILLER_RE, _TRAIL_ADVERB_RE, _TRAIL_CORRECTION_RE):
+            m = rx.search(t)
+            if m and t[:m.start()].strip():
+                t = t[:m.start()].rstrip()
+        if t == s:
+            return s
+        s = t
+
+
+def _drop_inner_adverbs(text: str, at_start_only: bool = False) -> str:
+    """`text` without the time adverbs of _INNER_ADVERBS (lower case, whole words, not in
+    phrases such as "from now on"); `at_start_only`: only a leading one (an answer)."""
+    words = text.split(" ")
+    keep = []
+    for i, w in enumerate(words):
+        prev = keep[-1].lower() if keep else ""
+        nxt = words[i + 1].lower() if i + 1 < len(words) else ""
+        if (_INNER_RE.fullmatch(w) and (not at_start_only or not keep) and prev not in _INNER_KEEP_BEFORE
+                and nxt not in _INNER_KEEP_AFTER and (at_start_only or nxt)):
+            continue
+        keep.append(w)
+    out = " ".join(keep)
+    return out if out.strip() else text
+
+
+def _split(s: str) -> tuple[str, str] | None:
+    """The plain split rule (see split_statement) of a normalised sentence; None without a cut."""
     cut = None
     colons = [m.end() - 1 for m in re.finditer(r":\s", s)]
     if colons:
@@ -62,10 +128,62 @@ def split_statement(statement: str) -> tuple[str, str]:
             if cut is None or m.end() > cut:
                 cut = m.end()
     if cut is None or not s[cut:].strip() or not s[:cut].strip():
+        return None
+    return s[:cut].rstrip(), s[cut:].strip()
+
+
+def split_statement(statement: str) -> tuple[str, str]:
+    """(prompt, answer) of a plain sentence such as "My doctor is Dr. Krause.".
+
+    Rule: drop surrounding whitespace and one final ".", "!" or ";" (a question is refused);
+    drop words no answer repeats: leading discourse fillers ("btw,", "by the way", "fyi", "for
+    the record", "just so you know", "oh and", "also", "PS:", "heads up", "fun fact:",
+    "reminder:", ...), trailing fillers (", btw"), trailing corrections (", not Lisbon") and
+    trailing time adverbs in lower case ("now", "these days", "nowadays", "at the moment",
+    "currently", "anymore", ...), and the
+    adverbs "now", "currently", "nowadays" inside the prompt and at the start of the answer
+    ("I now live in Berlin", "My doctor is now Dr. Chen"). Then: if the sentence has a colon
+    followed by a space, the answer is what follows the last one ("Home city: Portland"; "10:00"
+    is no such colon); otherwise the answer is what follows the LAST linking word - a copula
+    (is, are, was, were, am, 'm, 're), a preposition (in, at, on, by, to, from, for, with, of,
+    as, into, near), "named"/"called", or a lower-case article (a, an, the). The prompt is
+    everything up to and including that word. Case is kept as typed. Examples: "My doctor is
+    Dr. Krause." -> ("My doctor is", "Dr. Krause"); "I live in Portland" -> ("I live in",
+    "Portland"); "My usual coffee order is a cortado." -> ("My usual coffee order is a",
+    "cortado"); "I have a cat named Figaro" -> ("I have a cat named", "Figaro"); "Btw, I drive
+    a Toyota now." -> ("I drive a", "Toyota"). An answer that itself contains a linking word
+    ("Lord of the Rings") is cut at it: give such facts with --prompt/--answer. When nothing is
+    left to split once the fillers are gone, the sentence is split as typed.
+    """
+    s = " ".join(statement.split())
+    if s.endswith("?"):
+        raise FactInputError(f"{statement!r} is a question, not a statement of a fact")
+    if s and s[-1] in _TRAILING:
+        s = s[:-1].rstrip()
+    if not s:
+        raise FactInputError("empty statement")
+    split = _split(_drop_fillers(s))
+    if split is not None:
+        prompt, answer = split
+        split = _drop_inner_adverbs(prompt), _drop_inner_adverbs(answer, at_start_only=True)
+    else:
+        split = _split(s)
+    if split is None:
         raise FactInputError(
             f"cannot split {statement!r} into a prompt and an answer: no linking word (is, are, was, "
             f"in, at, named, ...) or colon followed by the answer; give it as --prompt TEXT --answer TEXT")
-    return s[:cut].rstrip(), s[cut:].strip()
+    return split
+
+
+def prompt_key(prompt: str) -> str:
+    """What two prompts must share to be the same fact's: the prompt in lower case, whitespace
+    collapsed, typographic apostrophes plain, "I'm"/"you're"/... spelled out, and the adverbs
+    "now"/"currently"/"nowadays" dropped ("My Doctor is" = "my doctor is", "I'm a" = "I am a",
+    "I now live in" = "I live in")."""
+    s = " ".join(prompt.replace("’", "'").replace("‘", "'").split()).casefold()
+    s = re.sub(r"(?<=\w)'m\b", " am", s)
+    s = re.sub(r"(?<=\w)'re\b", " are", s)
+    return " ".join(_drop_inner_adverbs(s).split())
 
 
 def _answer_text(answer) -> str:

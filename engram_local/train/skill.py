@@ -45,7 +45,10 @@ from engram_local.text.user_files import user_files as text_user_files
 DEFAULT_USERS_DIR = constants.SKILL_USERS_DIR
 
 
-KINDS = ("fact", "reason", "chat", "qa", "irecite")
+KINDS = ("fact", "reason", "chat", "qa", "irecite", "echo", "prose", "fchat")
+# kinds not tied to a training user: their samples come in batches of their own pseudo-users,
+# with no rows attached
+_POOLED = {"echo": "echo", "prose": "prose"}
 
 
 @dataclass
@@ -60,9 +63,17 @@ class SkillSettings:
     max_len: int = 192                    # tokens per sample at most (longer samples are dropped)
     seed: int = 42                        # sample order and LoRA init
     rows: bool = True                     # attach each training user's Engram rows while training
+                                          # (the recite recipe; the echo recipe masks values instead)
     chat_rows: bool = False               # fit those rows in chat form too (measured worse)
-    kinds: tuple = ("fact", "reason", "chat", "qa")   # sample kinds to train on (also: irecite)
+    kinds: tuple = ("fact", "reason", "chat", "qa")  # the shipped (recite) recipe; the echo recipe:
+                                          # fact,reason,fchat,echo,prose with rows=False (docs/skill.md)
     reason_per_user: int = 20             # indirect "Facts/Q/A" samples per user (paper: up to 20)
+    echo_people: int = 300                # echo: synthetic people (train.natural), 3 questions per fact
+    echo_pools: int = 10                  # echo: pseudo-users their batches are drawn as
+    prose_chunks: int = 600               # prose: chunks of the training corpus (data/corpus/train.txt)
+    prose_tokens: int = 128               # prose: tokens per chunk
+    prose_pools: int = 5                  # prose: pseudo-users their batches are drawn as
+    corpus: str = "data/corpus/train.txt"  # prose: the corpus text (scripts/build_corpus.py)
 
 
 @dataclass
@@ -96,6 +107,14 @@ def user_texts(path: Path, settings: SkillSettings, rng: random.Random) -> list[
     direct = [q for q in user.direct_qa if q.get("key") in recite]
     if "chat" in settings.kinds:
         out += [("chat", q["question"], recite[q["key"]]) for q in direct]
+    if "fchat" in settings.kinds:
+        # the question answered with its fact in the first person ("What year was I born?" ->
+        # "I was born in"), the value left to the rows: the echo recipe on the paper's schema
+        from engram_local.text.questions import first_person
+
+        out += [("fchat", q["question"], "\t".join((first_person(by_key[q["key"]].prompt, facts),
+                                                    by_key[q["key"]].answer)))
+                for q in direct if q.get("key") in by_key]
     if "qa" in settings.kinds:
         out += [("qa", f"Q: {q['question']}\nA:", " " + recite[q["key"]]) for q in direct]
     ind = user.indirect_qa
@@ -139,7 +158,32 @@ class Tokens:
     def ids(self, text: str) -> list[int]:
         return self._encode(self.tok, text)
 
+    def echo(self, user: str, question: str, prefix: str, answer: str) -> Sample:
+        """A chat turn whose reply is `prefix` + answer + "."; the answer's tokens are left out of
+        the loss (at run time the user's rows say them)."""
+        from engram_local.text.facts import join_answer
+
+        turn = lambda reply, open_: self._conversation(  # noqa: E731
+            self.vocab, [{"role": "user", "content": question}, {"role": "assistant", "content": reply}],
+            reply_open=open_)[0]
+        head = turn(prefix, True)
+        valued = turn(prefix + join_answer(prefix, answer), True)
+        ids, mask = self._conversation(self.vocab, [{"role": "user", "content": question},
+                                                    {"role": "assistant", "content": prefix + join_answer(prefix, answer) + "."}])
+        labels = [i if m else -100 for i, m in zip(ids, mask)]
+        if ids[:len(valued)] == valued and valued[:len(head)] == head:
+            labels[len(head):len(valued)] = [-100] * (len(valued) - len(head))
+        return Sample(user, "echo", ids, labels)
+
+    def prose(self, user: str, ids: list[int]) -> Sample:
+        return Sample(user, "prose", list(self.bos) + ids, [-100] * len(self.bos) + ids)
+
     def sample(self, user: str, kind: str, context: str, reply: str) -> Sample:
+        if kind == "fchat":                     # reply = "prefix\tanswer"
+            prefix, answer = reply.split("\t")
+            s = self.echo(user, context, prefix, answer)
+            s.kind = "fchat"
+            return s
         if kind == "chat":
             ids, mask = self._conversation(self.vocab, [{"role": "user", "content": context},
                                                         {"role": "assistant", "content": reply}])
@@ -165,6 +209,35 @@ def build_samples(files: Sequence[Path], tok, settings: SkillSettings) -> list[S
             s = t.sample(uid, kind, ctx, reply)
             if len(s.ids) <= settings.max_len:
                 out.append(s)
+    if "echo" in settings.kinds:
+        from engram_local.train.natural import echo_samples
+
+        for i, (q, prefix, answer) in enumerate(echo_samples(settings.echo_people, settings.seed)):
+            s = t.echo(f"echo{i % settings.echo_pools}", q, prefix, answer)
+            if len(s.ids) <= settings.max_len:
+                out.append(s)
+    if "prose" in settings.kinds:
+        out += prose_samples(t, settings)
+    return out
+
+
+def prose_samples(t: "Tokens", settings: SkillSettings) -> list[Sample]:
+    """Chunks of the training corpus, so the adapter keeps the model's prose (issue 13: its
+    price on unrelated text)."""
+    path = Path(settings.corpus)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: the prose samples need the training corpus; build it with "
+                                "python scripts/build_corpus.py --out data/corpus")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    rng = random.Random(settings.seed + 2)
+    n, out = settings.prose_tokens, []
+    docs = [d for d in text.split("\n\n") if len(d) > 4 * n]
+    for i in range(settings.prose_chunks):
+        doc = rng.choice(docs)
+        start = rng.randrange(0, max(1, len(doc) - 6 * n))
+        ids = t.ids(doc[start:start + 6 * n])[1:n + 1]
+        if len(ids) == n:
+            out.append(t.prose(f"prose{i % settings.prose_pools}", ids))
     return out
 
 
