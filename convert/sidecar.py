@@ -4,8 +4,9 @@ The sidecar holds what the backbone GGUF cannot: each Engram layer's memory tabl
 2-D tensor in the chosen storage type, the projections, norms and conv, and every constant the
 N-gram hash needs (canonical id map, multipliers, primes, offsets as tensors; N, K, pad id,
 layer ids as keys), so hashing needs neither the tokenizer object nor a prime search. Tables
-stream from the checkpoint a chunk of rows at a time. The fingerprint is computed over the
-finished file and patched into its header before the file is renamed into place.
+stream from the checkpoint a chunk of rows at a time. The fingerprint (the tables) and the
+integrity hash (header and every other tensor) are computed over the finished file and patched
+into its header before the file is renamed into place.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ def write_sidecar(checkpoint_dir: Path, dest: Path, *, table_type: str, backbone
         w.add_custom_alignment(constants.SIDECAR_ALIGNMENT)
         w.add_uint32(constants.KEY_FORMAT_VERSION, constants.SIDECAR_FORMAT_VERSION)
         w.add_uint64(constants.KEY_FINGERPRINT, 0)          # patched once the file is complete
+        w.add_uint64(constants.KEY_INTEGRITY, 0)            # likewise
         if source_digest:
             w.add_string(constants.KEY_SOURCE_DIGEST, source_digest)
         w.add_string(constants.KEY_BACKBONE_ARCH, backbone_arch)
@@ -119,16 +121,19 @@ def write_sidecar(checkpoint_dir: Path, dest: Path, *, table_type: str, backbone
 
 
 def _patch_fingerprint(path: Path) -> int:
-    """Validate the complete file, hash it and write the fingerprint into its header."""
+    """Validate the complete file (structure, not hashes: there are none yet), hash it and write
+    the fingerprint (the tables) and the integrity hash (everything else) into its header."""
     from engram_local.formats.sidecar import open_sidecar
 
-    sidecar = open_sidecar(path)
+    sidecar = open_sidecar(path, verify=False)
     try:
-        value = sidecar.compute_fingerprint()
-        offset = sidecar.header.scalar_offsets[constants.KEY_FINGERPRINT]
+        patches = [(sidecar.header.scalar_offsets[key], value) for key, value in (
+            (constants.KEY_FINGERPRINT, sidecar.compute_fingerprint()),
+            (constants.KEY_INTEGRITY, sidecar.compute_integrity()))]   # neither covers the other's bytes
     finally:
         sidecar.close()
     with open(path, "r+b") as f:
-        f.seek(offset)
-        f.write(struct.pack("<Q", value))
-    return value
+        for offset, value in patches:
+            f.seek(offset)
+            f.write(struct.pack("<Q", value))
+    return patches[0][1]

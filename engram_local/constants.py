@@ -46,6 +46,9 @@ KEY_SEED = "engram.seed"
 KEY_KERNEL_SIZE = "engram.conv_kernel_size"
 KEY_HIDDEN = "engram.hidden_size"               # backbone width the Engram writes into
 KEY_BACKBONE_ARCH = "engram.backbone_arch"
+KEY_INTEGRITY = "engram.integrity"              # uint64 xxh3_64 of the header (fingerprint and integrity
+                                                # values zeroed) and every tensor but the tables; files
+                                                # converted before it existed carry none (still read)
 
 TENSOR_CANONICAL_MAP = "engram.canonical_map"   # I64 [raw_vocab]
 # Per-layer tensors; format with layer id.
@@ -74,8 +77,9 @@ MODEL_DIR_ENGRAM = "engram.gguf"                # Engram sidecar
 MODEL_DIR_ADAPTER = "adapter.gguf"              # skill adapter (llama.cpp LoRA), optional
 MODEL_DIR_SKILL_BACKBONE = "backbone-skill.gguf"  # the backbone with the adapter folded in: the skill-on
                                                 # model of every backend and consumer
-MODEL_DIR_LAYOUT_VERSION = 3                    # what a MODEL_DIR holds (2: + backbone-skill.gguf;
-                                                # 3: its folded q/k/v stored as Q5_1, not Q8_0);
+MODEL_DIR_LAYOUT_VERSION = 4                    # what a MODEL_DIR holds (2: + backbone-skill.gguf;
+                                                # 3: its folded q/k/v stored as Q5_1, not Q8_0;
+                                                # 4: engram.gguf carries KEY_INTEGRITY);
                                                 # part of the default model's digest: a change rebuilds it
 # Engram checkpoint directory: the skill adapter, when present, as a PEFT LoRA directory.
 CHECKPOINT_ADAPTER_DIR = "adapter"
@@ -94,8 +98,13 @@ TENSOR_LORA_B = "{base}.lora_b"                 # [out, r]
 
 # --------------------------------------------------------------------------- override files
 EOV_ARCH = "engram-overrides"
-EOV_FORMAT_VERSION = 1
+EOV_FORMAT_VERSION = 1                          # the first format (no checksum): still read; the
+                                                # next write upgrades the file to EOV_WRITE_VERSION
+EOV_WRITE_VERSION = 2                           # what every write produces (2: + KEY_EOV_CHECKSUM)
+EOV_READ_VERSIONS = (EOV_FORMAT_VERSION, EOV_WRITE_VERSION)
 KEY_EOV_VERSION = "eov.format_version"
+KEY_EOV_CHECKSUM = "eov.checksum"               # uint64 xxh3_64 of the whole file with these 8 bytes
+                                                # zeroed (version 2)
 KEY_EOV_FINGERPRINT = "eov.model_fingerprint"   # uint64, the sidecar fingerprint it binds to
 KEY_EOV_LAYERS = "eov.layers"                   # int32 array of layer ids written
 KEY_EOV_LEDGER = "eov.ledger"                   # JSON string: the fact ledger

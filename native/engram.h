@@ -134,7 +134,8 @@ int32_t ek_gather(const ek_table *table, const ek_override *ovs, int32_t n_ovs,
 typedef struct {
     ek_hash_layer hash;
     ek_table table;             /* row width table.dim = d_head */
-    const ek_override *ovs;     /* [n_ovs] override sets, later ones win */
+    const ek_override *ovs;     /* [n_ovs] override sets, later ones win (ek_engram_forward, and
+                                   the runtime's sequences that have no stack of their own) */
     int32_t n_ovs;
     int64_t hidden;             /* D */
     int64_t mem_dim;            /* E = (max_ngram-1) * n_head * table.dim */
@@ -149,7 +150,15 @@ typedef struct {
     float eps;                  /* RMSNorm epsilon */
 } ek_engram_layer;
 
-/* Scratch a forward of n_tokens positions needs: *n_i64 int64 and *n_f32 float elements. */
+/* One sequence's override sets for one Engram layer (its user's memory), later sets win. The
+ * sets point into memory the caller keeps alive (e.g. an .eov mmap): nothing is copied. */
+typedef struct {
+    const ek_override *ovs;     /* [n_ovs]; may be NULL when n_ovs = 0 */
+    int32_t n_ovs;
+} ek_stack;
+
+/* Scratch a forward of n_tokens positions needs: *n_i64 int64 and *n_f32 float elements
+ * (the same for ek_engram_forward and ek_engram_forward_batch). */
 int32_t ek_engram_scratch(const ek_engram_layer *layer, int64_t n_tokens,
                           int64_t *n_i64, int64_t *n_f32);
 
@@ -163,6 +172,7 @@ int32_t ek_engram_scratch(const ek_engram_layer *layer, int64_t n_tokens,
  * reads pad_id before ids[0]; only the last max_ngram-1 history ids matter).
  * xs [xs_rows, D]: the x of earlier positions; rows [xs_start, xs_start + n_tokens) are written,
  * rows before xs_start are the conv's history (rows before 0 read as zero).
+ * Rows come from the layer's own override stack (layer->ovs) over its table.
  * y_cap is in floats. n_hits (may be NULL) receives the look-ups served by an override. */
 int32_t ek_engram_forward(const ek_engram_layer *layer, const float *h, int64_t n_tokens,
                           const int64_t *ids, int64_t n_ids, int64_t ids_start,
@@ -170,6 +180,30 @@ int32_t ek_engram_forward(const ek_engram_layer *layer, const float *h, int64_t 
                           float *y, int64_t y_cap,
                           int64_t *scratch_i64, int64_t cap_i64,
                           float *scratch_f32, int64_t cap_f32, int64_t *n_hits);
+
+/* One sequence's run of consecutive tokens in a batch (ek_engram_forward_batch): the meaning of
+ * ids, n_ids, ids_start, xs, xs_rows and xs_start is that of ek_engram_forward's arguments;
+ * stack is the sequence's override sets (the layer's own set list is not used). */
+typedef struct {
+    int64_t n;                  /* tokens (>= 1): the next n rows of the batch */
+    const int64_t *ids;
+    int64_t n_ids;
+    int64_t ids_start;
+    float *xs;
+    int64_t xs_rows;
+    int64_t xs_start;
+    ek_stack stack;
+} ek_segment;
+
+/* The Engram term of a batch of several sequences: h [n_tokens, D] holds segs[0]'s tokens, then
+ * segs[1]'s, ... (the n of all segments sum to n_tokens). Row for row, y equals what
+ * ek_engram_forward gives each segment alone with its stack as the layer's override sets (bit
+ * for bit), but the projections read the weights once for the whole batch. */
+int32_t ek_engram_forward_batch(const ek_engram_layer *layer, const float *h, int64_t n_tokens,
+                                const ek_segment *segs, int32_t n_segs,
+                                float *y, int64_t y_cap,
+                                int64_t *scratch_i64, int64_t cap_i64,
+                                float *scratch_f32, int64_t cap_f32, int64_t *n_hits);
 
 /* The ggml entry points the eval callback uses, taken from the libggml-base that llama.cpp
  * loaded (the extension never links llama.cpp). */
@@ -182,11 +216,27 @@ typedef struct {
     bool (*is_contiguous)(void *tensor);
 } ek_ggml_api;
 
-/* One sequence of the llama.cpp backend. The caller owns every buffer. Per llama_decode call:
- * ek_runtime_begin(tokens of the batch) -> llama_decode -> ek_runtime_commit. The callback fires
- * once per Engram layer per ubatch, so a batch must fit one ubatch (n_ubatch >= n_batch >=
- * tokens per decode). Any failure sets status/error and cancels the graph; the state then stays
- * failed (every later call refuses) until ek_runtime_reset. */
+/* One sequence of the llama.cpp backend (llama.cpp's seq_id = its index in ek_runtime.seqs).
+ * The caller owns the buffers; n_past, n_pending and batch_row belong to the runtime. */
+typedef struct {
+    int64_t *ids;                    /* [n_ctx] canonical id of every position */
+    float *xs;                       /* [n_layers, n_ctx, D] x of every position, per layer */
+    const ek_stack *stacks;          /* [n_layers] this sequence's override sets per layer, or
+                                        NULL: each layer's own (ek_engram_layer.ovs). Set with
+                                        ek_runtime_set_stacks (validated there) */
+    int64_t n_past;                  /* committed positions */
+    int64_t n_pending;               /* its tokens in the batch being decoded */
+    int64_t batch_row;               /* the batch row of the first of them */
+} ek_seq;
+
+/* The Engram state of a llama.cpp context decoding up to n_seqs sequences together. The caller
+ * owns every buffer. Per llama_decode call: ek_runtime_begin(tokens and seq id of every batch
+ * row) -> llama_decode -> ek_runtime_commit. The callback fires once per Engram layer per
+ * ubatch, so a batch must fit one ubatch (n_ubatch >= n_batch >= tokens per decode) and
+ * llama.cpp must keep the batch's order in it (a unified KV cache: split_simple). Each
+ * sequence's tokens form one run of consecutive batch rows and continue it at n_past. Any
+ * failure sets status/error and cancels the graph; the state then stays failed (every later
+ * call refuses) until ek_runtime_reset (which forgets every sequence). */
 typedef struct {
     ek_ggml_api ggml;
     const ek_engram_layer *layers;   /* [n_layers] */
@@ -194,16 +244,18 @@ typedef struct {
     int32_t n_layers;
     const int64_t *canonical_map;    /* [map_len] raw token id -> canonical id */
     int64_t map_len;
-    int64_t n_ctx;                   /* positions the logs hold */
-    int64_t *ids;                    /* [n_ctx] canonical id of every position */
-    float *xs;                       /* [n_layers, n_ctx, D] x of every position, per layer */
+    int64_t n_ctx;                   /* positions each sequence's logs hold */
+    ek_seq *seqs;                    /* [n_seqs] */
+    int32_t n_seqs;
+    int32_t *batch_seqs;             /* [n_seqs] the pending batch's sequences, in batch order */
+    int32_t n_batch_seqs;
+    ek_segment *segs;                /* [n_seqs] the callback's segment list */
     int32_t *fired;                  /* [n_layers] callbacks of the current batch */
     int64_t max_tokens;              /* most tokens per batch the scratch holds */
     int64_t *scratch_i64;
     int64_t cap_i64;
     float *scratch_f32;
     int64_t cap_f32;
-    int64_t n_past;                  /* committed positions */
     int64_t n_pending;               /* tokens of the batch being decoded */
     int32_t status;                  /* EK_OK, or the first error */
     int32_t enabled;                 /* 0: the callback asks for nothing (plain backbone) */
@@ -215,17 +267,25 @@ typedef struct {
 /* Scratch elements a runtime needs for batches of up to max_tokens tokens (reads rt->layers,
  * rt->n_layers and rt->max_tokens only). */
 int32_t ek_runtime_scratch(const ek_runtime *rt, int64_t *n_i64, int64_t *n_f32);
-/* Check a runtime's configuration and buffers (sizes against the layers); resets its state. */
+/* Check a runtime's configuration and buffers (sizes against the layers, every sequence's
+ * stacks); resets its state. */
 int32_t ek_runtime_init(ek_runtime *rt);
-/* Forget the sequence: n_past = n_pending = 0, status cleared. */
+/* Forget every sequence: n_past = n_pending = 0, status cleared. */
 void ek_runtime_reset(ek_runtime *rt);
-/* Roll back to the first n positions (n <= n_past). */
-int32_t ek_runtime_truncate(ek_runtime *rt, int64_t n);
-/* Announce the raw token ids of the next llama_decode batch (positions n_past ..). */
-int32_t ek_runtime_begin(ek_runtime *rt, const int32_t *tokens, int64_t n);
-/* After a successful llama_decode: every Engram layer must have fired once; n_past += n. */
+/* Roll sequence seq back to its first n positions (n <= its n_past; 0 forgets it). A pending
+ * batch is dropped. */
+int32_t ek_runtime_truncate(ek_runtime *rt, int32_t seq, int64_t n);
+/* Give sequence seq the override sets stacks[n_layers] (NULL: the layers' own), each set checked
+ * against its layer's table (ek_override_check). Refused while a batch is pending. A refusal
+ * changes nothing and fails nothing. The stacks must outlive their use. */
+int32_t ek_runtime_set_stacks(ek_runtime *rt, int32_t seq, const ek_stack *stacks);
+/* Announce the next llama_decode batch: raw token ids and their sequences (seq_ids NULL: all
+ * sequence 0); each sequence's tokens continue it at its n_past. */
+int32_t ek_runtime_begin(ek_runtime *rt, const int32_t *tokens, const int32_t *seq_ids, int64_t n);
+/* After a successful llama_decode: every Engram layer must have fired once; each sequence of
+ * the batch advances by its tokens. */
 int32_t ek_runtime_commit(ek_runtime *rt);
-/* Abandon the pending batch (llama_decode failed): n_past stays. */
+/* Abandon the pending batch (llama_decode failed): every n_past stays. */
 void ek_runtime_abort(ek_runtime *rt);
 
 /* llama.cpp's cb_eval (ggml_backend_sched_eval_callback), user_data = an ek_runtime. Asks only

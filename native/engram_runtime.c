@@ -201,57 +201,14 @@ int32_t ek_engram_scratch(const ek_engram_layer *layer, int64_t n_tokens,
     return forward_scratch(layer, n_tokens, n_i64, n_f32) ? EK_OK : EK_ERR_CAPACITY;
 }
 
-int32_t ek_engram_forward(const ek_engram_layer *L, const float *h, int64_t T,
-                          const int64_t *ids, int64_t n_ids, int64_t ids_start,
-                          float *xs, int64_t xs_rows, int64_t xs_start,
-                          float *y, int64_t y_cap,
-                          int64_t *scratch_i64, int64_t cap_i64,
-                          float *scratch_f32, int64_t cap_f32, int64_t *n_hits) {
-    int32_t st = layer_check(L);
-    if (st != EK_OK) return st;
-    if (T < 0 || n_ids < 0 || ids_start < 0 || xs_rows < 0 || xs_start < 0 || y_cap < 0 ||
-        cap_i64 < 0 || cap_f32 < 0)
-        return EK_ERR_ARG;
-    const int64_t D = L->hidden, E = L->mem_dim, N1 = L->hash.max_ngram - 1;
-    const int64_t cols = N1 * L->hash.n_head;
-    int64_t need_i64, need_f32, end, y_need;
-    if (!forward_scratch(L, T, &need_i64, &need_f32)) return EK_ERR_CAPACITY;
-    if (!add_ok(ids_start, T, &end) || n_ids < end) return EK_ERR_SIZE;
-    if (!add_ok(xs_start, T, &end) || xs_rows < end) return EK_ERR_SIZE;
-    if (!mul_ok(T, D, &y_need) || y_cap < y_need) return EK_ERR_CAPACITY;
-    if (cap_i64 < need_i64 || cap_f32 < need_f32) return EK_ERR_CAPACITY;
-    if (T == 0) {
-        if (n_hits) *n_hits = 0;
-        return EK_OK;
-    }
-    if (!h || !ids || !xs || !y || !scratch_i64 || !scratch_f32) return EK_ERR_NULL;
-
-    int64_t *rows = scratch_i64, *keys = rows + T * cols, *mix = keys + T * cols;
-    float *e = scratch_f32, *k = e + T * E, *v = k + T * D;
-
-    /* 1. N-gram rows of the T positions; only the last N-1 history ids matter. */
-    const int64_t w0 = ids_start > N1 ? ids_start - N1 : 0;
-    st = ek_hash(&L->hash, ids + w0, ids_start + T - w0, ids_start - w0, rows, T * cols, mix, T * N1);
-    if (st != EK_OK) return st;
-    /* Each look-up's exact key: the mix of its order (shared by the order's K heads). */
-    for (int64_t t = 0; t < T; t++)
-        for (int64_t o = 0; o < N1; o++)
-            for (int64_t j = 0; j < L->hash.n_head; j++)
-                keys[t * cols + o * L->hash.n_head + j] = mix[t * N1 + o];
-
-    /* 2. Memory e [T, E]: rows from the override stack over the table. */
-    int64_t hits = 0;
-    st = ek_gather(&L->table, L->ovs, L->n_ovs, rows, keys, T * cols, e, T * E, &hits);
-    if (st != EK_OK) return st;
-
-    /* 3. k, v [T, D]. */
-    project(e, T, E, D, L->w_k_t, L->w_v_t, k, v);
-
-    /* 4. Gate, gated value, its norm x (written to xs). */
+/* Gate, gated value and its norm for n tokens: v [n, D] becomes a v, x rows go to x [n, D]. */
+static void gate_rows(const ek_engram_layer *L, const float *h, const float *k, float *v,
+                      float *x, int64_t n) {
+    const int64_t D = L->hidden;
     const double inv_sqrt_d = ek_rsqrt((double)D);
-    for (int64_t t = 0; t < T; t++) {
+    for (int64_t t = 0; t < n; t++) {
         const float *ht = h + t * D, *kt = k + t * D;
-        float *vt = v + t * D, *xt = xs + (xs_start + t) * D;
+        float *vt = v + t * D, *xt = x + t * D;
         const float rh = rms_scale(ht, D, L->eps), rk = rms_scale(kt, D, L->eps);
         double dot = 0.0;
         for (int64_t d = 0; d < D; d++) {
@@ -270,15 +227,132 @@ int32_t ek_engram_forward(const ek_engram_layer *L, const float *h, int64_t T,
         const float rv = rms_scale(vt, D, L->eps);
         for (int64_t d = 0; d < D; d++) xt[d] = (vt[d] * rv) * L->norm_v[d];
     }
+}
 
-    /* 5. Causal dilated depthwise conv over x, then y = SiLU(conv) + a v. */
-    conv_rows(xs, xs_start, T, D, L->conv_t, L->kernel, L->dilation, y);
+/* The forward of checked segments tiling T batch rows (scratch sized for T). Each segment's
+ * hash, rows and conv history are its own; the projections run once over all T rows. */
+static int32_t forward_run(const ek_engram_layer *L, const float *h, int64_t T,
+                           const ek_segment *segs, int32_t n_segs, float *y,
+                           int64_t *scratch_i64, float *scratch_f32, int64_t *n_hits) {
+    const int64_t D = L->hidden, E = L->mem_dim, N1 = L->hash.max_ngram - 1;
+    const int64_t K = L->hash.n_head, cols = N1 * K;
+    int64_t *rows = scratch_i64, *keys = rows + T * cols, *mix = keys + T * cols;
+    float *e = scratch_f32, *k = e + T * E, *v = k + T * D;
+    int64_t hits = 0, t0 = 0;
+
+    /* 1-2. Per segment: N-gram rows (only the last N-1 history ids matter), each look-up's
+     * exact key (the mix of its order, shared by the order's K heads), and the memory e from
+     * the segment's override stack over the table. */
+    for (int32_t s = 0; s < n_segs; s++) {
+        const ek_segment *sg = &segs[s];
+        const int64_t n = sg->n, w0 = sg->ids_start > N1 ? sg->ids_start - N1 : 0;
+        int64_t *rs = rows + t0 * cols, *ks = keys + t0 * cols, *ms = mix + t0 * N1, seg_hits = 0;
+        int32_t st = ek_hash(&L->hash, sg->ids + w0, sg->ids_start + n - w0, sg->ids_start - w0,
+                             rs, n * cols, ms, n * N1);
+        if (st != EK_OK) return st;
+        for (int64_t t = 0; t < n; t++)
+            for (int64_t o = 0; o < N1; o++)
+                for (int64_t j = 0; j < K; j++) ks[t * cols + o * K + j] = ms[t * N1 + o];
+        st = ek_gather(&L->table, sg->stack.ovs, sg->stack.n_ovs, rs, ks, n * cols,
+                       e + t0 * E, n * E, &seg_hits);
+        if (st != EK_OK) return st;
+        hits += seg_hits;
+        t0 += n;
+    }
+
+    /* 3. k, v [T, D]: each weight row read once per block of tokens, whatever their sequence. */
+    project(e, T, E, D, L->w_k_t, L->w_v_t, k, v);
+
+    /* 4-5. Per segment: gate, x into the sequence's history, causal conv over that history. */
+    t0 = 0;
+    for (int32_t s = 0; s < n_segs; s++) {
+        const ek_segment *sg = &segs[s];
+        gate_rows(L, h + t0 * D, k + t0 * D, v + t0 * D, sg->xs + sg->xs_start * D, sg->n);
+        conv_rows(sg->xs, sg->xs_start, sg->n, D, L->conv_t, L->kernel, L->dilation, y + t0 * D);
+        t0 += sg->n;
+    }
+    /* y = SiLU(conv) + a v */
     for (int64_t i = 0; i < T * D; i++) {
         const float c = y[i];
         y[i] = (float)((double)c / (1.0 + ek_exp(-(double)c))) + v[i];
     }
     if (n_hits) *n_hits = hits;
     return EK_OK;
+}
+
+/* The checks both forwards share: sizes of y and the scratch for T rows. *done is set when
+ * there is nothing to compute (T = 0: *n_hits = 0). */
+static int32_t forward_sizes(const ek_engram_layer *L, int64_t T, int64_t y_cap,
+                             int64_t cap_i64, int64_t cap_f32, int64_t *n_hits, int *done) {
+    int64_t need_i64, need_f32, y_need;
+    *done = 0;
+    if (!forward_scratch(L, T, &need_i64, &need_f32)) return EK_ERR_CAPACITY;
+    if (!mul_ok(T, L->hidden, &y_need) || y_cap < y_need) return EK_ERR_CAPACITY;
+    if (cap_i64 < need_i64 || cap_f32 < need_f32) return EK_ERR_CAPACITY;
+    if (T == 0) {
+        if (n_hits) *n_hits = 0;
+        *done = 1;
+    }
+    return EK_OK;
+}
+
+/* One segment's ranges: its ids and xs rows exist. */
+static int32_t segment_ranges(int64_t n, int64_t n_ids, int64_t ids_start, int64_t xs_rows,
+                              int64_t xs_start) {
+    int64_t end;
+    if (!add_ok(ids_start, n, &end) || n_ids < end) return EK_ERR_SIZE;
+    if (!add_ok(xs_start, n, &end) || xs_rows < end) return EK_ERR_SIZE;
+    return EK_OK;
+}
+
+int32_t ek_engram_forward(const ek_engram_layer *L, const float *h, int64_t T,
+                          const int64_t *ids, int64_t n_ids, int64_t ids_start,
+                          float *xs, int64_t xs_rows, int64_t xs_start,
+                          float *y, int64_t y_cap,
+                          int64_t *scratch_i64, int64_t cap_i64,
+                          float *scratch_f32, int64_t cap_f32, int64_t *n_hits) {
+    int32_t st = layer_check(L);
+    if (st != EK_OK) return st;
+    if (T < 0 || n_ids < 0 || ids_start < 0 || xs_rows < 0 || xs_start < 0 || y_cap < 0 ||
+        cap_i64 < 0 || cap_f32 < 0)
+        return EK_ERR_ARG;
+    int64_t need_i64, need_f32;
+    if (!forward_scratch(L, T, &need_i64, &need_f32)) return EK_ERR_CAPACITY;
+    st = segment_ranges(T, n_ids, ids_start, xs_rows, xs_start);
+    if (st != EK_OK) return st;
+    int done;
+    st = forward_sizes(L, T, y_cap, cap_i64, cap_f32, n_hits, &done);
+    if (st != EK_OK || done) return st;
+    if (!h || !ids || !xs || !y || !scratch_i64 || !scratch_f32) return EK_ERR_NULL;
+    const ek_segment seg = {T, ids, n_ids, ids_start, xs, xs_rows, xs_start, {L->ovs, L->n_ovs}};
+    return forward_run(L, h, T, &seg, 1, y, scratch_i64, scratch_f32, n_hits);
+}
+
+int32_t ek_engram_forward_batch(const ek_engram_layer *L, const float *h, int64_t T,
+                                const ek_segment *segs, int32_t n_segs,
+                                float *y, int64_t y_cap,
+                                int64_t *scratch_i64, int64_t cap_i64,
+                                float *scratch_f32, int64_t cap_f32, int64_t *n_hits) {
+    int32_t st = layer_check(L);
+    if (st != EK_OK) return st;
+    if (T < 0 || n_segs < 0 || y_cap < 0 || cap_i64 < 0 || cap_f32 < 0) return EK_ERR_ARG;
+    if (n_segs > 0 && !segs) return EK_ERR_NULL;
+    int64_t total = 0;
+    for (int32_t s = 0; s < n_segs; s++) {
+        const ek_segment *sg = &segs[s];
+        if (sg->n < 1 || sg->n_ids < 0 || sg->ids_start < 0 || sg->xs_rows < 0 ||
+            sg->xs_start < 0 || sg->stack.n_ovs < 0 || !add_ok(total, sg->n, &total))
+            return EK_ERR_ARG;
+        st = segment_ranges(sg->n, sg->n_ids, sg->ids_start, sg->xs_rows, sg->xs_start);
+        if (st != EK_OK) return st;
+        if (!sg->ids || !sg->xs || (sg->stack.n_ovs > 0 && !sg->stack.ovs)) return EK_ERR_NULL;
+    }
+    if (total != T) return EK_ERR_ARG;
+    int done;
+    st = forward_sizes(L, T, y_cap, cap_i64, cap_f32, n_hits, &done);
+    if (st != EK_OK || done) return st;
+    if (!h || !y || !scratch_i64 || !scratch_f32) return EK_ERR_NULL;
+    return forward_run(L, h, T, segs, n_segs, y, scratch_i64, scratch_f32, n_hits);
 }
 
 /* ---------------------------------------------------------------- runtime state */
@@ -319,14 +393,44 @@ int32_t ek_runtime_scratch(const ek_runtime *rt, int64_t *n_i64, int64_t *n_f32)
     return EK_OK;
 }
 
-void ek_runtime_reset(ek_runtime *rt) {
-    if (!rt) return;
-    rt->n_past = 0;
+static void drop_batch(ek_runtime *rt) {
+    for (int32_t i = 0; i < rt->n_batch_seqs; i++) rt->seqs[rt->batch_seqs[i]].n_pending = 0;
+    rt->n_batch_seqs = 0;
     rt->n_pending = 0;
-    rt->status = EK_OK;
-    rt->error[0] = '\0';
     if (rt->fired)
         for (int32_t i = 0; i < rt->n_layers; i++) rt->fired[i] = 0;
+}
+
+void ek_runtime_reset(ek_runtime *rt) {
+    if (!rt) return;
+    rt->n_pending = 0;
+    rt->n_batch_seqs = 0;
+    rt->status = EK_OK;
+    rt->error[0] = '\0';
+    if (rt->seqs && rt->n_seqs > 0)
+        for (int32_t s = 0; s < rt->n_seqs; s++) {
+            rt->seqs[s].n_past = 0;
+            rt->seqs[s].n_pending = 0;
+            rt->seqs[s].batch_row = 0;
+        }
+    if (rt->fired)
+        for (int32_t i = 0; i < rt->n_layers; i++) rt->fired[i] = 0;
+}
+
+/* One sequence's stacks (NULL: the layers' own): every set valid for its layer's table. */
+static int32_t stacks_check(const ek_runtime *rt, const ek_stack *stacks) {
+    if (!stacks) return EK_OK;
+    for (int32_t i = 0; i < rt->n_layers; i++) {
+        const ek_stack *sk = &stacks[i];
+        if (sk->n_ovs < 0) return EK_ERR_ARG;
+        if (sk->n_ovs > 0 && !sk->ovs) return EK_ERR_NULL;
+        for (int32_t j = 0; j < sk->n_ovs; j++) {
+            const int32_t st = ek_override_check(&sk->ovs[j], rt->layers[i].table.n_rows,
+                                                 rt->layers[i].table.dim);
+            if (st != EK_OK) return st;
+        }
+    }
+    return EK_OK;
 }
 
 int32_t ek_runtime_init(ek_runtime *rt) {
@@ -342,7 +446,7 @@ int32_t ek_runtime_init(ek_runtime *rt) {
             return fail(rt, EK_ERR_ARG, "Engram layers of different widths (%lld, %lld)",
                         (long long)D, (long long)rt->layers[i].hidden);
     }
-    if (!rt->inject || !rt->canonical_map || !rt->ids || !rt->xs || !rt->fired)
+    if (!rt->inject || !rt->canonical_map || !rt->fired)
         return fail(rt, EK_ERR_NULL, "runtime buffer missing");
     if (!rt->ggml.get_name || !rt->ggml.nelements || !rt->ggml.nbytes || !rt->ggml.tensor_get ||
         !rt->ggml.tensor_set || !rt->ggml.is_contiguous)
@@ -356,6 +460,14 @@ int32_t ek_runtime_init(ek_runtime *rt) {
     if (rt->map_len < 1 || rt->n_ctx < 1) return fail(rt, EK_ERR_ARG, "empty canonical map or context");
     if (!mul_ok(rt->n_ctx, D, &xs_need) || !mul_ok(xs_need, rt->n_layers, &xs_need))
         return fail(rt, EK_ERR_CAPACITY, "context too large");
+    if (rt->n_seqs < 1) return fail(rt, EK_ERR_ARG, "no sequences (n_seqs %d)", (int)rt->n_seqs);
+    if (!rt->seqs || !rt->batch_seqs || !rt->segs) return fail(rt, EK_ERR_NULL, "sequence buffer missing");
+    for (int32_t s = 0; s < rt->n_seqs; s++) {
+        if (!rt->seqs[s].ids || !rt->seqs[s].xs)
+            return fail(rt, EK_ERR_NULL, "sequence %d: buffer missing", (int)s);
+        st = stacks_check(rt, rt->seqs[s].stacks);
+        if (st != EK_OK) return fail(rt, st, "sequence %d: invalid override stack", (int)s);
+    }
     if (!rt->scratch_i64 || !rt->scratch_f32) return fail(rt, EK_ERR_NULL, "scratch buffer missing");
     if (rt->cap_i64 < need_i || rt->cap_f32 < need_f)
         return fail(rt, EK_ERR_CAPACITY, "scratch too small: need %lld int64 and %lld float",
@@ -366,31 +478,74 @@ int32_t ek_runtime_init(ek_runtime *rt) {
     return EK_OK;
 }
 
-int32_t ek_runtime_truncate(ek_runtime *rt, int64_t n) {
+int32_t ek_runtime_truncate(ek_runtime *rt, int32_t seq, int64_t n) {
     if (!rt) return EK_ERR_NULL;
     if (rt->status != EK_OK) return rt->status;
-    if (n < 0 || n > rt->n_past) return EK_ERR_RANGE;
-    rt->n_past = n;
-    rt->n_pending = 0;
+    if (seq < 0 || seq >= rt->n_seqs) return EK_ERR_RANGE;
+    if (n < 0 || n > rt->seqs[seq].n_past) return EK_ERR_RANGE;
+    drop_batch(rt);
+    rt->seqs[seq].n_past = n;
     return EK_OK;
 }
 
-int32_t ek_runtime_begin(ek_runtime *rt, const int32_t *tokens, int64_t n) {
+int32_t ek_runtime_set_stacks(ek_runtime *rt, int32_t seq, const ek_stack *stacks) {
+    if (!rt) return EK_ERR_NULL;
+    if (rt->status != EK_OK) return rt->status;
+    if (seq < 0 || seq >= rt->n_seqs) return EK_ERR_RANGE;
+    if (rt->n_pending > 0) return EK_ERR_ARG;
+    const int32_t st = stacks_check(rt, stacks);
+    if (st != EK_OK) return st;
+    rt->seqs[seq].stacks = stacks;
+    return EK_OK;
+}
+
+int32_t ek_runtime_begin(ek_runtime *rt, const int32_t *tokens, const int32_t *seq_ids, int64_t n) {
     if (!rt) return EK_ERR_NULL;
     if (rt->status != EK_OK) return rt->status;
     if (n < 1 || n > rt->max_tokens)
         return fail(rt, EK_ERR_ARG, "batch of %lld tokens (must be 1..%lld)", (long long)n,
                     (long long)rt->max_tokens);
     if (!tokens) return fail(rt, EK_ERR_NULL, "no tokens");
-    if (n > rt->n_ctx - rt->n_past)
-        return fail(rt, EK_ERR_CAPACITY, "context full: %lld + %lld tokens exceed %lld",
-                    (long long)rt->n_past, (long long)n, (long long)rt->n_ctx);
     for (int64_t i = 0; i < n; i++)
         if (tokens[i] < 0 || (int64_t)tokens[i] >= rt->map_len)
             return fail(rt, EK_ERR_RANGE, "token id %d outside the canonical map [0, %lld)",
                         (int)tokens[i], (long long)rt->map_len);
-    for (int64_t i = 0; i < n; i++) rt->ids[rt->n_past + i] = rt->canonical_map[tokens[i]];
-    for (int32_t i = 0; i < rt->n_layers; i++) rt->fired[i] = 0;
+    /* The runs of sequences: each sequence one run, its tokens fitting its context. */
+    drop_batch(rt);
+    for (int64_t i = 0; i < n; i++) {
+        const int32_t s = seq_ids ? seq_ids[i] : 0;
+        if (s < 0 || s >= rt->n_seqs) {
+            drop_batch(rt);
+            return fail(rt, EK_ERR_RANGE, "batch row %lld: sequence %d outside [0, %d)", (long long)i,
+                        (int)s, (int)rt->n_seqs);
+        }
+        ek_seq *sq = &rt->seqs[s];
+        if (i == 0 || s != rt->batch_seqs[rt->n_batch_seqs - 1]) {
+            if (sq->n_pending > 0) {
+                drop_batch(rt);
+                return fail(rt, EK_ERR_ARG, "batch row %lld: sequence %d has two runs of tokens in one "
+                            "batch", (long long)i, (int)s);
+            }
+            sq->batch_row = i;
+            rt->batch_seqs[rt->n_batch_seqs++] = s;
+        }
+        sq->n_pending++;
+    }
+    for (int32_t b = 0; b < rt->n_batch_seqs; b++) {
+        const ek_seq *sq = &rt->seqs[rt->batch_seqs[b]];
+        if (sq->n_pending > rt->n_ctx - sq->n_past) {
+            const int32_t s = rt->batch_seqs[b];
+            const long long past = (long long)sq->n_past, add = (long long)sq->n_pending;
+            drop_batch(rt);
+            return fail(rt, EK_ERR_CAPACITY, "context full: sequence %d: %lld + %lld tokens exceed %lld",
+                        (int)s, past, add, (long long)rt->n_ctx);
+        }
+    }
+    for (int32_t b = 0; b < rt->n_batch_seqs; b++) {
+        ek_seq *sq = &rt->seqs[rt->batch_seqs[b]];
+        for (int64_t i = 0; i < sq->n_pending; i++)
+            sq->ids[sq->n_past + i] = rt->canonical_map[tokens[sq->batch_row + i]];
+    }
     rt->n_pending = n;
     return EK_OK;
 }
@@ -416,13 +571,16 @@ int32_t ek_runtime_commit(ek_runtime *rt) {
             }
         }
     }
-    rt->n_past += rt->n_pending;
-    rt->n_pending = 0;
+    for (int32_t b = 0; b < rt->n_batch_seqs; b++) {
+        ek_seq *sq = &rt->seqs[rt->batch_seqs[b]];
+        sq->n_past += sq->n_pending;
+    }
+    drop_batch(rt);
     return EK_OK;
 }
 
 void ek_runtime_abort(ek_runtime *rt) {
-    if (rt) rt->n_pending = 0;
+    if (rt && rt->seqs) drop_batch(rt);
 }
 
 /* ---------------------------------------------------------------- the eval callback */
@@ -488,12 +646,18 @@ bool ek_eval_callback(void *tensor, bool ask, void *user_data) {
     forward_scratch(L, T, &fi, &ff);          /* fits: checked for max_tokens at init */
     float *hbuf = rt->scratch_f32 + ff, *ybuf = hbuf + T * D;
     rt->ggml.tensor_get(tensor, hbuf, 0, nb);
+    /* One segment per sequence of the batch: its ids, its x history in this layer, its stack. */
+    for (int32_t b = 0; b < rt->n_batch_seqs; b++) {
+        const ek_seq *sq = &rt->seqs[rt->batch_seqs[b]];
+        const ek_stack own = {L->ovs, L->n_ovs};
+        const ek_segment seg = {sq->n_pending, sq->ids, rt->n_ctx, sq->n_past,
+                                sq->xs + (int64_t)li * rt->n_ctx * D, rt->n_ctx, sq->n_past,
+                                sq->stacks ? sq->stacks[li] : own};
+        rt->segs[b] = seg;
+    }
     int64_t hits = 0;
-    const int64_t w0 = rt->n_past;
-    const int32_t st = ek_engram_forward(L, hbuf, T, rt->ids, rt->n_ctx, w0,
-                                         rt->xs + (int64_t)li * rt->n_ctx * D, rt->n_ctx, w0,
-                                         ybuf, T * D, rt->scratch_i64, rt->cap_i64,
-                                         rt->scratch_f32, ff, &hits);
+    const int32_t st = ek_engram_forward_batch(L, hbuf, T, rt->segs, rt->n_batch_seqs, ybuf, T * D,
+                                               rt->scratch_i64, rt->cap_i64, rt->scratch_f32, ff, &hits);
     if (st != EK_OK) {
         fail(rt, st, "Engram forward at %s failed (ek_status %d)", node, (int)st);
         return false;

@@ -261,6 +261,34 @@ def test_fingerprint_is_deterministic_and_covers_the_table(tiny, tmp_path):
         open_sidecar(bad).verify_fingerprint()
 
 
+def test_integrity_hash_is_written_and_a_flip_in_w_k_is_refused_on_load(tiny, tmp_path):
+    """The fingerprint covers the tables; convert also writes KEY_INTEGRITY over the header and
+    every other tensor, so a flipped bit in w_k (which the fingerprint cannot see) stops the load."""
+    from engram_local.cli import main
+    from engram_local.runtime.loader import load_model
+
+    _, _, md = tiny
+    sidecar = open_sidecar(md / constants.MODEL_DIR_ENGRAM)
+    assert gguf.GGUFReader(md / constants.MODEL_DIR_ENGRAM).fields[constants.KEY_INTEGRITY].contents() \
+        == sidecar.compute_integrity() != 0
+
+    bad = tmp_path / "bad"
+    shutil.copytree(md, bad)
+    info = scan_gguf(bad / constants.MODEL_DIR_ENGRAM).tensors[constants.TENSOR_W_K.format(layer=1)]
+    with open(bad / constants.MODEL_DIR_ENGRAM, "r+b") as f:
+        f.seek(info.offset + info.nbytes // 3)
+        byte = f.read(1)[0]
+        f.seek(-1, 1)
+        f.write(bytes([byte ^ 0x10]))
+    assert open_sidecar(bad / constants.MODEL_DIR_ENGRAM, verify=False).compute_fingerprint() == \
+        sidecar.fingerprint                                       # the fingerprint alone would pass it
+    with pytest.raises(GGUFFormatError, match="integrity hash mismatch"):
+        load_model(bad)
+    result = CliRunner().invoke(main, ["inspect", str(bad)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "integrity hash mismatch" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("table_type,atol", [("f16", 0.0), ("bf16", 1e-2), ("q8_0", 2e-2), ("q4_0", 0.2)])
 def test_table_types_store_what_they_say(tiny, tmp_path, table_type, atol):
     from engram_local.runtime.loader import load_model

@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "engram_local"
 
 # Bottom to top. `engram_local.convert` ships from the top-level convert/ directory.
-LAYERS = ["constants", "native", "text", "formats", "model", "convert", "runtime", "memory",
-          "train", "eval", "commands", "cli"]
+LAYERS = ["constants", "native", "text", "formats", "model", "convert", "runtime", "memory", "store",
+          "train", "eval", "serve", "commands", "cli"]
 # Modules kept at their old import paths for callers outside the package (issue contracts):
 # they only re-export, and nothing inside the package may import them.
 SHIMS = {"engram_local.hashing"}

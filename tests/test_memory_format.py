@@ -114,20 +114,14 @@ def test_writer_killed_mid_write_leaves_previous_file_intact(tmp_path):
     path, *_ = sample(tmp_path)
     before = path.read_bytes()
     script = textwrap.dedent(f"""
-        import os, signal
         import numpy as np
-        import gguf
         from engram_local.formats.eov import write_memory_file, LedgerFact
-        real = gguf.GGUFWriter.write_tensors_to_file
-        def dying(self, *a, **k):
-            self.fout[0].write(b"half of it")
-            self.fout[0].flush()
-            os.kill(os.getpid(), signal.SIGKILL)
-        gguf.GGUFWriter.write_tensors_to_file = dying
         write_memory_file({str(path)!r}, 7, {{16: ([1, 2], [3, 4], np.ones((2, 8), np.float16))}},
                           [LedgerFact(id="new", prompt="p", answer="secret", entries=[0])])
     """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True)
+    # the fault hook kills the writer after half of the new file reached its temporary file
+    env = dict(os.environ, ENGRAM_LOCAL_FAULT="eov-write:half-written")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, env=env)
     assert proc.returncode == -9
     assert path.read_bytes() == before
     read_memory_file(path, 0xABCDEF0123456789)

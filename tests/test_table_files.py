@@ -128,8 +128,8 @@ def test_override_file_round_trip(tmp_path):
     assert ov.values.dtype == np.float16 and ov.values.shape == (4, 32)
     assert np.array_equal(ov.values, sets[14][2][[3, 1, 0, 2]])  # sorted by (row, key)
     assert loaded[1].keys.tolist() == [-1] and loaded[1].values.dtype == np.float32
-    for arr in (ov.rows, ov.keys, ov.values):
-        assert memory_mapped(arr), "override sets must be views of the file, not copies"
+    for arr in (ov.rows, ov.keys, ov.values):   # private memory: changing the file cannot reach them
+        assert not memory_mapped(arr), "override sets must be read into memory, not mapped"
 
     # File-backed sets drive a gather exactly like in-memory ones.
     table_path = write_gguf(tmp_path / "t.gguf", {"table": rng.standard_normal((12, 32)).astype(np.float32)})
@@ -188,7 +188,9 @@ def test_override_file_read_errors(tmp_path):
     rows, keys = np.array([2, 1], np.int64), np.array([-1, -1], np.int64)
     values = np.zeros((2, 4), np.float32)
     layer3 = {"eov.3.rows": rows, "eov.3.keys": keys, "eov.3.values": values}
-    with pytest.raises(ValueError, match="override format version 2, this engram-local reads version 1"):
+    with pytest.raises(ValueError, match="override format version 3, this engram-local reads versions 1, 2"):
+        open_override_file(eov("v3.eov", version=3))
+    with pytest.raises(ValueError, match=r"no eov.checksum \(uint64\) in a version 2 file"):
         open_override_file(eov("v2.eov", version=2))
     with pytest.raises(ValueError, match="layer 3: .*does not follow entry 0"):
         open_override_file(eov("unsorted.eov", tensors=layer3))

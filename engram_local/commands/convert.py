@@ -5,12 +5,12 @@ Heavy imports (torch, transformers, gguf) stay inside the commands so `--help` i
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
 from engram_local import constants
+from engram_local.commands.common import printable_json, printable_lines
 
 # Errors the library raises for bad input or unusable files (GGUFFormatError is a ValueError):
 # shown as one line, never a traceback.
@@ -76,14 +76,15 @@ def inspect(path, as_json, verify):
     except USER_ERRORS as e:
         raise click.ClickException(str(e))
     if as_json:
-        click.echo(json.dumps(info))
+        click.echo(printable_json(info))
     else:
-        click.echo(_format(info))
+        click.echo(printable_lines(_format(info)))
 
 
 def _inspect(path: str | None, verify: bool) -> dict:
     from engram_local.formats import describe
     from engram_local.formats.header import file_kind, scan_gguf
+    from engram_local.formats.sealed import is_sealed_file
     from engram_local.formats.sidecar import open_sidecar
     from engram_local.model.checkpoint import is_checkpoint
     from engram_local.runtime.loader import ModelDir, ensure_default_model, is_model_dir
@@ -107,6 +108,8 @@ def _inspect(path: str | None, verify: bool) -> dict:
                 "backbone_info": backbone, "engram_info": engram, "adapter_info": adapter}
 
     file = Path(path).resolve()
+    if is_sealed_file(file):
+        return {"kind": "overrides", **describe.describe_overrides(file)}
     header = scan_gguf(file)
     kind = file_kind(header)
     if kind == "engram":
@@ -171,7 +174,8 @@ def _format(info: dict) -> str:
         return "\n".join(out)
     if kind == "overrides":
         layers = ", ".join(f"layer {k}: {v}" for k, v in info["layers"].items()) or "none"
-        return "\n".join([f"user memory {info['path']}",
+        return "\n".join([f"user memory {info['path']} (format {info['format_version']}"
+                          f"{', encrypted' if info.get('encrypted') else ''})",
                           f"  bound to model fingerprint {info['fingerprint']}",
                           f"  {info['facts']} fact{'' if info['facts'] == 1 else 's'}, {info['rows']} rows "
                           f"({layers}), {_size(info['size_bytes'])}"])

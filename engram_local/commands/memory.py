@@ -2,16 +2,31 @@
 
 from __future__ import annotations
 
-import json
 import sys
 
 import click
 
-from engram_local.commands.common import MODEL_HELP
+from engram_local.commands.common import MODEL_HELP, printable, printable_json
+from engram_local.text.facts import MAX_FACT_CHARS
 
 STATEMENT_RULE = ("A STATEMENT is split after its last linking word (is, are, was, in, at, on, "
                   "named, a, ...; or after a colon): \"My doctor is Dr. Krause.\" -> prompt \"My doctor "
                   "is\", answer \"Dr. Krause\"; fillers such as \"btw,\" and a final \"now\" are dropped.")
+
+
+
+
+def check_fact_lengths(facts) -> None:
+    """Refuse facts whose prompt, answer or a paraphrase is empty or longer than MAX_FACT_CHARS:
+    a fact is a sentence, and fitting cost grows with its tokens (a 10,000-character statement
+    ran for over 10 minutes and took gigabytes)."""
+    for i, f in enumerate(facts, 1):
+        for what, text in [("prompt", f.prompt), ("answer", f.answer)] + [("paraphrase", p) for p in f.paraphrases]:
+            if len(text) > MAX_FACT_CHARS:
+                raise click.ClickException(f"fact {i} ({f.id or (f.prompt[:30] + '...')!r}): its {what} has "
+                                           f"{len(text)} characters; a fact's text is at most {MAX_FACT_CHARS}")
+            if what != "paraphrase" and not text.strip():
+                raise click.ClickException(f"fact {i}: empty {what}")
 
 
 def _load(model):
@@ -49,8 +64,8 @@ def _progress(quiet: bool):
                    "unembed: closed form (UNEMBED_P), no fitting.")
 @click.option("--value-type", type=click.Choice(["f16", "f32"]), default=None,
               help="Type of the stored rows (default f16, or the existing file's).")
-@click.option("--max-steps", type=int, default=None, help="Fitting steps at most.")
-@click.option("-t", "--threads", type=int, default=None, help="CPU threads for torch.")
+@click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Fitting steps at most (>= 1).")
+@click.option("-t", "--threads", type=click.IntRange(min=1), default=None, help="CPU threads for torch.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def remember(model, out_file, statements, prompts, answers, jsonl, user_json, paraphrases, method,
              value_type, max_steps, threads, quiet):
@@ -67,7 +82,9 @@ def remember(model, out_file, statements, prompts, answers, jsonl, user_json, pa
     file refits only the rows the new facts touch. A fact with the prompt of a fact already in
     the file is an update: it replaces that fact ("I drive a Toyota now" after "I drive a
     Subaru"; the change is kept in the file's history, see `facts --history`); the same fact said
-    again writes nothing and prints the existing id.
+    again writes nothing and prints the existing id. A fact's prompt, answer and each
+    paraphrase are at most 400 characters. With ENGRAM_LOCAL_KEY or ENGRAM_LOCAL_KEY_FILE set,
+    the file is written encrypted (docs/security.md).
     """
     from engram_local.memory import facade as memory
 
@@ -86,8 +103,17 @@ def remember(model, out_file, statements, prompts, answers, jsonl, user_json, pa
             facts += memory.user_json_facts(user_json, paraphrases=paraphrases)
     except memory.FactInputError as e:
         raise click.ClickException(str(e) + ("" if statements == () else f" ({STATEMENT_RULE})"))
+    except RecursionError:
+        raise click.ClickException(f"{jsonl or user_json}: JSON nested too deeply")
     if not facts:
         raise click.UsageError("no facts: give STATEMENTs, --prompt/--answer, --from-jsonl or --from-user-json")
+    check_fact_lengths(facts)
+    from engram_local.formats.eov import check_write_target
+
+    try:        # before the model loads: a FIFO, device, read-only file or directory is refused now
+        check_write_target(out_file)
+    except ValueError as e:
+        raise click.ClickException(str(e))
     if threads:
         import torch
         torch.set_num_threads(threads)
@@ -103,16 +129,16 @@ def remember(model, out_file, statements, prompts, answers, jsonl, user_json, pa
     except (ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e))
     for fid in report.new_ids:
-        click.echo(fid)
+        click.echo(printable(fid))
     by_id = {f.id: f for f in facts}
     for r in report.history:
         new = by_id.get(r.by)
-        click.echo(f"engram-local: {r.by} replaces {r.id}: {r.prompt!r} {r.answer} -> "
-                   f"{new.answer if new else '?'}", err=True)
+        click.echo(printable(f"engram-local: {r.by} replaces {r.id}: {r.prompt!r} {r.answer} -> "
+                             f"{new.answer if new else '?'}"), err=True)
     for fid in report.unchanged:
         f = by_id.get(fid)
-        click.echo(f"engram-local: {fid} already says {f.prompt!r} {f.answer}; nothing written for it"
-                   if f else f"engram-local: {fid} unchanged", err=True)
+        click.echo(printable(f"engram-local: {fid} already says {f.prompt!r} {f.answer}; nothing written for it"
+                             if f else f"engram-local: {fid} unchanged"), err=True)
     missed = [f for f, ok in report.recalled.items() if not ok]
     written = len(report.new_ids) - len(report.unchanged)
     if written == 0:
@@ -149,16 +175,18 @@ def facts(file, as_json, with_history):
         doc = {"file": str(file), "fingerprint": f"{mf.fingerprint:#018x}", "rows": len(entries), "facts": out}
         if with_history:
             doc["history"] = history
-        click.echo(json.dumps(doc, ensure_ascii=False))
+        click.echo(printable_json(doc))
         return
     if not out and not history:
-        click.echo(f"{file}: no facts")
+        click.echo(f"{printable(file)}: no facts")
         return
+    p = printable
     for f in out:
-        click.echo(f"{f['id']}\t{f['prompt']!r} -> {f['answer']!r}\t{f['rows']} rows\t{f['written']}")
+        click.echo(f"{p(f['id'])}\t{p(repr(f['prompt']))} -> {p(repr(f['answer']))}\t{f['rows']} rows\t"
+                   f"{p(f['written'])}")
     for r in history:
-        click.echo(f"({r['id']})\t{r['prompt']!r} -> {r['answer']!r}\twritten {r['written']}\t"
-                   f"replaced {r['replaced']} by {r['by']}")
+        click.echo(f"({p(r['id'])})\t{p(repr(r['prompt']))} -> {p(repr(r['answer']))}\twritten {p(r['written'])}\t"
+                   f"replaced {p(r['replaced'])} by {p(r['by'])}")
     click.echo(f"{len(out)} facts, {len(entries)} rows" + (f", {len(history)} replaced" if with_history else ""),
                err=True)
 

@@ -20,7 +20,7 @@ from engram_local.commands.common import MODEL_HELP
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a sentence.")
 @click.option("--logprobs-out", type=click.Path(dir_okay=False), default=None,
               help="Save log p(actual next token) per token as a float32 .npy array.")
-@click.option("--window", default=1024, show_default=True, help="Tokens per scoring window.")
+@click.option("--window", default=1024, show_default=True, type=click.IntRange(min=2), help="Tokens per scoring window.")
 def perplexity(model, overrides, text_file, no_engram, as_json, logprobs_out, window):
     """Bits per byte of a text under the model.
 
@@ -63,20 +63,20 @@ def perplexity(model, overrides, text_file, no_engram, as_json, logprobs_out, wi
 @click.option("--backbone", default=None, help="Backbone: HF directory or GGUF (default: SmolLM2-135M-Instruct).")
 @click.option("--layers", default="1,16", show_default=True, help="Decoder layers that get an Engram.")
 @click.option("--write-layer", type=int, default=None, help="Layer user facts go into (default: the last of --layers).")
-@click.option("--table-size", type=int, default=10000, show_default=True,
+@click.option("--table-size", type=click.IntRange(min=1), default=10000, show_default=True,
               help="Rows per hash head (the next unused prime above it).")
-@click.option("--head-dim", type=int, default=32, show_default=True, help="Width of one table row.")
-@click.option("--ngram", type=int, default=3, show_default=True, help="Largest N-gram order N.")
-@click.option("--heads", type=int, default=8, show_default=True, help="Hash heads per order K.")
-@click.option("--steps", type=int, default=600, show_default=True)
-@click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--seq-len", type=int, default=256, show_default=True)
+@click.option("--head-dim", type=click.IntRange(min=1), default=32, show_default=True, help="Width of one table row.")
+@click.option("--ngram", type=click.IntRange(min=2), default=3, show_default=True, help="Largest N-gram order N.")
+@click.option("--heads", type=click.IntRange(min=1), default=8, show_default=True, help="Hash heads per order K.")
+@click.option("--steps", type=click.IntRange(min=1), default=600, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--seq-len", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--lr", type=float, default=2e-3, show_default=True, help="Learning rate (tables get 5x).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--checkpoint-every", type=int, default=100, show_default=True)
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint in --out.")
 @click.option("--release", is_flag=True, help="At the end, store tables as f16 and drop optimizer state.")
-@click.option("-t", "--threads", type=int, default=None, help="CPU threads for torch.")
+@click.option("-t", "--threads", type=click.IntRange(min=1), default=None, help="CPU threads for torch.")
 def retrofit(corpus, out_dir, backbone, layers, write_layer, table_size, head_dim, ngram, heads, steps,
              batch_size, seq_len, lr, seed, checkpoint_every, resume, release, threads):
     """Train Engram layers onto a frozen backbone (only Engram parameters learn).

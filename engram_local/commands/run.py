@@ -52,7 +52,7 @@ def _err(msg: str) -> None:
 @click.option("--temp", default=0.8, show_default=True, type=float, help="Temperature; 0 = greedy, deterministic.")
 @click.option("--top-p", default=0.95, show_default=True, type=click.FloatRange(0.0, 1.0, min_open=True),
               help="Nucleus sampling threshold.")
-@click.option("--seed", default=None, type=int, help="Sampling seed (default: random).")
+@click.option("--seed", default=None, type=click.IntRange(min=0), help="Sampling seed (default: random).")
 @click.option("-c", "--ctx-size", "n_ctx", default=2048, show_default=True, type=click.IntRange(min=16),
               help="Context size in tokens.")
 @click.option("-t", "--threads", default=None, type=click.IntRange(min=1),

@@ -6,14 +6,14 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import gguf
 import numpy as np
 
 from engram_local import constants
-from engram_local.formats.header import (ArraySummary, GGUFFormatError, GGUFHeader, describe_arch_mismatch,
-                                         scan_gguf)
+from engram_local.formats.header import ArraySummary, GGUFHeader
 from engram_local.formats.eov import read_memory_file
 from engram_local.formats.lora_adapter import check_lora_header
 from engram_local.formats.sidecar import Sidecar
@@ -79,14 +79,11 @@ def describe_adapter(header: GGUFHeader) -> dict:
 
 def describe_overrides(path: str | os.PathLike) -> dict:
     """An .eov file: the model fingerprint it binds to, rows per layer, facts in its ledger."""
-    header = scan_gguf(path)
-    if header.architecture != constants.EOV_ARCH:
-        raise GGUFFormatError(describe_arch_mismatch(header, "a user memory (.eov) file"))
-    memory = read_memory_file(path)         # validates the rows and the ledger
+    memory = read_memory_file(path)         # checks the whole file (checksum, rows, ledger)
     return {
-        "path": str(header.path), "format_version": header.fields.get(constants.KEY_EOV_VERSION),
+        "path": str(Path(path)), "format_version": memory.format_version, "encrypted": memory.sealed,
         "fingerprint": f"{memory.fingerprint:#018x}",
         "layers": {str(layer): len(s) for layer, s in sorted(memory.layers.items())},
         "rows": sum(len(s) for s in memory.layers.values()), "facts": len(memory.facts),
-        "size_bytes": header.file_size,
+        "size_bytes": os.stat(path).st_size,
     }

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,12 +191,18 @@ def _read_value(cur: _Cursor, vtype: gguf.GGUFValueType, key: str):
 
 
 def scan_gguf(path: str | os.PathLike) -> GGUFHeader:
-    """Parse a GGUF file's header and tensor directory, checking that every tensor's data fits."""
+    """Parse a GGUF file's header and tensor directory, checking that every tensor's data fits.
+
+    Only regular files are opened (a FIFO, device or directory is refused before any open, so
+    nothing can block)."""
     path = Path(path)
     try:
-        size = path.stat().st_size
+        st = path.stat()
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such file") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise GGUFFormatError(f"{path}: {file_type_name(st.st_mode)}, not a GGUF file")
+    size = st.st_size
     if size == 0:
         raise GGUFFormatError(f"{path}: empty file (not a GGUF file)")
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
@@ -204,6 +211,24 @@ def scan_gguf(path: str | os.PathLike) -> GGUFHeader:
             return _scan(cur, path, size)
         finally:
             cur.buf.release()
+
+
+def scan_gguf_bytes(data: bytes, path: str | os.PathLike) -> GGUFHeader:
+    """`scan_gguf` of a file already read into memory (`path` names it in errors)."""
+    path = Path(path)
+    if not data:
+        raise GGUFFormatError(f"{path}: empty file (not a GGUF file)")
+    return _scan(_Cursor(memoryview(data), path), path, len(data))
+
+
+def file_type_name(mode: int) -> str:
+    """'a directory', 'a FIFO (named pipe)', ... for a stat mode that is not a regular file."""
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return f"is {name}"
+    return "is not a regular file"
 
 
 def _scan(cur: _Cursor, path: Path, size: int) -> GGUFHeader:
@@ -254,6 +279,9 @@ def _scan(cur: _Cursor, path: Path, size: int) -> GGUFHeader:
         if shape[0] % block:
             raise GGUFFormatError(f"{path}: corrupt GGUF header: tensor {name!r} rows of {shape[0]} "
                                   f"values are not whole {qtype.name} blocks of {block}")
+        if any(d > 8 * size for d in shape):      # more values than any type packs in the file
+            raise GGUFFormatError(f"{path}: corrupt GGUF header: tensor {name!r} has shape {list(shape)}, "
+                                  f"impossible in {size} bytes")
         n_elements = int(np.prod(shape, dtype=object))
         infos.append((name, shape, int(qtype), offset, n_elements // block * type_size))
 

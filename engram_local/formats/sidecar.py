@@ -6,10 +6,26 @@ memory-maps it: tables are handed to the native kernel as views, never read whol
 `Sidecar.compute_fingerprint` streams the hash configuration and the table bytes through the
 model fingerprint (formats.fingerprint); `verify_fingerprint` compares it with the stored one,
 which catches silent corruption of table data.
+
+Checks on every open (`open_sidecar(verify=True)`, the default), so no damaged model runs:
+  * every count and shape the hash layout depends on is checked against the tensor directory
+    before the layout is built (its prime search is bounded by what the file holds), so a
+    flipped bit in a count is an error, never a hang;
+  * no key outside `general.*` that engram-local does not know (a flipped bit in a key's name
+    is refused, so it cannot hide the integrity key);
+  * the integrity hash (constants.KEY_INTEGRITY, written by convert; files converted before it
+    existed carry none): xxh3_64 of the header (with the fingerprint and integrity values
+    zeroed) and every tensor but the tables - w_k, w_v, norms, conv, hash constants, canonical
+    map; a few MB, ~1 ms;
+  * the fingerprint (the tables): re-hashed on every open when the tables are small
+    (<= ALWAYS_HASH_TABLE_BYTES; the default model's 20 MB take ~3 ms), otherwise on the first
+    open of each file identity (path, device, inode, size, mtime, ctime), recorded in a cache
+    (`$XDG_CACHE_HOME/engram-local/verified/`); `inspect --verify` always re-hashes.
 """
 
 from __future__ import annotations
 
+import json
 import mmap
 import os
 from dataclasses import dataclass, field
@@ -24,6 +40,15 @@ from engram_local import constants
 from engram_local.formats.fingerprint import FingerprintLayer, fingerprint
 from engram_local.formats.header import (GGUFFormatError, GGUFHeader, TensorInfo, describe_arch_mismatch,
                                          scan_gguf, tensor_view)
+
+ALWAYS_HASH_TABLE_BYTES = 256 << 20
+# Every key a sidecar may carry besides general.*.
+SIDECAR_KEYS = frozenset((
+    constants.KEY_FORMAT_VERSION, constants.KEY_FINGERPRINT, constants.KEY_INTEGRITY,
+    constants.KEY_SOURCE_DIGEST, constants.KEY_BACKBONE_ARCH, constants.KEY_HIDDEN, constants.KEY_LAYER_IDS,
+    constants.KEY_WRITE_LAYER, constants.KEY_MAX_NGRAM, constants.KEY_N_HEAD, constants.KEY_HEAD_DIM,
+    constants.KEY_VOCAB_PER_NGRAM, constants.KEY_COMPRESSED_VOCAB, constants.KEY_PAD_ID, constants.KEY_SEED,
+    constants.KEY_KERNEL_SIZE, constants.KEY_NORM_EPS))
 
 # --------------------------------------------------------------------------- the sidecar
 
@@ -127,12 +152,67 @@ class Sidecar:
         return fingerprint(self.settings, self.canonical_map(), layers())
 
     def verify_fingerprint(self):
-        """Raise GGUFFormatError when the stored fingerprint does not match the file's content."""
+        """Raise GGUFFormatError when the stored fingerprint (the tables) or the stored integrity
+        hash (everything else) does not match the file's content."""
+        self.verify_integrity()
+        self._verify_tables()
+
+    def _verify_tables(self):
         actual = self.compute_fingerprint()
         if actual != self.fingerprint:
             raise GGUFFormatError(f"{self.path}: fingerprint mismatch: stored {self.fingerprint:#018x}, "
                                   f"content hashes to {actual:#018x}; the file is corrupt or was "
                                   "modified (re-create it with `engram-local convert`)")
+
+    def compute_integrity(self) -> int:
+        """xxh3_64 of the header bytes (the fingerprint and integrity values zeroed) and of every
+        tensor except the memory tables, in file order: all that changes the model's function
+        besides the tables, which the fingerprint covers."""
+        import xxhash
+
+        data = self._bytes()
+        head = bytearray(data[:self.header.data_offset])
+        for key in (constants.KEY_FINGERPRINT, constants.KEY_INTEGRITY):
+            at = self.header.scalar_offsets.get(key)
+            if at is not None:
+                head[at:at + 8] = bytes(8)
+        h = xxhash.xxh3_64(bytes(head))
+        tables = {self.table_name(layer) for layer in self.settings["layer_ids"]}
+        for info in sorted(self.header.tensors.values(), key=lambda t: t.offset):
+            if info.name not in tables:
+                h.update(data[info.offset:info.offset + info.nbytes])
+        return h.intdigest()
+
+    def verify_integrity(self):
+        """Raise GGUFFormatError when the file carries an integrity hash its content does not match
+        (files converted before KEY_INTEGRITY existed carry none: only the fingerprint checks them)."""
+        stored = self.header.fields.get(constants.KEY_INTEGRITY)
+        if stored is None:
+            return
+        self.header.typed(constants.KEY_INTEGRITY, "uint")
+        actual = self.compute_integrity()
+        if actual != stored:
+            raise GGUFFormatError(f"{self.path}: integrity hash mismatch: stored {stored:#018x}, content "
+                                  f"hashes to {actual:#018x}; the file is corrupt or was modified "
+                                  "(re-create it with `engram-local convert`)")
+
+    def table_bytes(self) -> int:
+        return sum(self.header.tensors[self.table_name(layer)].nbytes for layer in self.settings["layer_ids"])
+
+    def verify_on_open(self):
+        """The checks of every open: the integrity hash, and the fingerprint when the tables are
+        small or this file identity was not verified before (then recorded)."""
+        self.verify_integrity()
+        if self.table_bytes() <= ALWAYS_HASH_TABLE_BYTES:
+            self._verify_tables()
+            return
+        record = _verified_record(self.path)
+        identity = _identity(self.path, self.fingerprint)
+        if record is not None and _read_json(record) == identity:
+            return
+        self._verify_tables()
+        if record is not None:
+            _write_json(record, identity)
 
     def close(self):
         """Drop this object's mapping (views handed out keep theirs alive)."""
@@ -140,8 +220,11 @@ class Sidecar:
         self._mmap = None
 
 
-def open_sidecar(path: str | os.PathLike) -> Sidecar:
-    """Validate and map an Engram sidecar; every problem raises GGUFFormatError with the path."""
+def open_sidecar(path: str | os.PathLike, verify: bool = True) -> Sidecar:
+    """Validate and map an Engram sidecar; every problem raises GGUFFormatError with the path.
+
+    `verify` (default) also checks the content hashes (`Sidecar.verify_on_open`); only convert
+    opens without it, to compute the hashes of its finished temporary file and patch them in."""
     from engram_local.native.hashing import NgramHashLayout
 
     header = scan_gguf(path)
@@ -158,6 +241,10 @@ def open_sidecar(path: str | os.PathLike) -> Sidecar:
                               f"(this engram-local reads version {constants.SIDECAR_FORMAT_VERSION}); "
                               "re-create the model directory with `engram-local convert`")
 
+    unknown = sorted(k for k in header.fields if k not in SIDECAR_KEYS and not k.startswith("general."))
+    if unknown:
+        raise GGUFFormatError(f"{where}: unexpected key {unknown[0]!r} in an Engram sidecar (damaged, or "
+                              "written by a newer engram-local)")
     # EngramConfig's fields (engram_local.model.engram), read without importing torch.
     settings = dict(
         hidden_size=header.typed(constants.KEY_HIDDEN, "uint"),
@@ -173,6 +260,7 @@ def open_sidecar(path: str | os.PathLike) -> Sidecar:
         kernel_size=header.typed(constants.KEY_KERNEL_SIZE, "uint"),
         norm_eps=float(header.typed(constants.KEY_NORM_EPS, "float")))
     try:
+        _check_counts(header, settings)
         if settings["write_layer"] not in settings["layer_ids"]:
             raise ValueError(f"write layer {settings['write_layer']} is not one of the layers "
                              f"{settings['layer_ids']}")
@@ -190,7 +278,78 @@ def open_sidecar(path: str | os.PathLike) -> Sidecar:
                       backbone_arch=header.typed(constants.KEY_BACKBONE_ARCH, "str"),
                       settings=settings, layout=layout)
     _check_sidecar_tensors(sidecar)
+    if verify:
+        sidecar.verify_on_open()
     return sidecar
+
+
+def _check_counts(header: GGUFHeader, settings: dict):
+    """The counts the hash layout is built from, against the tensor directory, before any work
+    that depends on them: N and K must match each layer's multipliers and primes tensors, and
+    the per-order table sizes must fit in the layer's table (primes start above them), so the
+    layout's prime search is bounded by what the file holds."""
+    N, K = settings["max_ngram_size"], settings["n_head_per_ngram"]
+    layers, sizes = settings["layer_ids"], settings["vocab_size_per_ngram"]
+    if not layers or len(set(layers)) != len(layers):
+        raise ValueError(f"layer ids {layers[:8]} must be distinct and non-empty")
+    if N < 2 or K < 1 or len(sizes) != N - 1 or min(sizes) < 2:
+        raise ValueError(f"max_ngram_size {N}, n_head_per_ngram {K} and vocab_size_per_ngram "
+                         f"{sizes[:8]} do not describe a hash layout")
+    for layer in layers:
+        shapes = {role: header.tensors[name.format(layer=layer)].shape
+                  for role, name in (("multipliers", constants.TENSOR_MULTIPLIERS),
+                                     ("primes", constants.TENSOR_PRIMES), ("table", constants.TENSOR_TABLE))
+                  if name.format(layer=layer) in header.tensors}
+        if len(shapes) != 3:
+            raise ValueError(f"layer {layer} lacks its table, multipliers or primes tensor")
+        if shapes["multipliers"] != (N,) or shapes["primes"] != ((N - 1) * K,):
+            raise ValueError(f"layer {layer}: max_ngram_size {N} and n_head_per_ngram {K} disagree with "
+                             f"its tensors (multipliers {list(shapes['multipliers'])}, primes "
+                             f"{list(shapes['primes'])})")
+        if len(shapes["table"]) != 2 or K * sum(sizes) > shapes["table"][1]:
+            raise ValueError(f"layer {layer}: {K} heads of table sizes {sizes} do not fit its table of "
+                             f"{shapes['table'][-1]} rows")
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "engram-local" / "verified"
+
+
+def _verified_record(path: Path) -> Path | None:
+    import xxhash
+
+    try:
+        d = _cache_dir()
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return d / f"{xxhash.xxh3_64_hexdigest(os.fsencode(os.path.realpath(path)))}.json"
+
+
+def _identity(path: Path, fingerprint: int) -> dict:
+    st = os.stat(path)
+    return {"path": os.path.realpath(path), "dev": st.st_dev, "ino": st.st_ino, "size": st.st_size,
+            "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "fingerprint": fingerprint}
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(path: Path, doc: dict):
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(doc))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def _check_sidecar_tensors(sidecar: Sidecar):

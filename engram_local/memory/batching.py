@@ -11,15 +11,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from engram_local.memory.prefix import FAST_DTYPE, NEG
+
 
 def _rows_of(entries: dict) -> np.ndarray:
     return np.fromiter((k[0] for k in entries), dtype=np.int64, count=len(entries))
 
 
-def index(items, entries) -> np.ndarray:
+def index(items, entries, fixed=None) -> np.ndarray:
     """Per item: entry index of every look-up (it.idx), first overridden position (it.start);
-    returns the connected component of each item (items sharing an entry are connected)."""
+    returns the connected component of each item (items sharing an entry are connected; with
+    `fixed`, a set of entry indices that do not change, only through the other entries)."""
     parent = list(range(len(items)))
+    fixed = fixed if fixed is not None else ()
 
     def find(a):
         while parent[a] != a:
@@ -28,12 +32,15 @@ def index(items, entries) -> np.ndarray:
         return a
 
     user_of: dict[int, int] = {}
+    known = _rows_of(entries)
     for ii, it in enumerate(items):
         idx = np.full(it.rows.shape, -1, np.int64)
-        for (t, c) in zip(*np.nonzero(np.isin(it.rows, _rows_of(entries)))):
+        for (t, c) in zip(*np.nonzero(np.isin(it.rows, known))):
             ei = entries.get((int(it.rows[t, c]), int(it.keys[t, c])))
             if ei is not None:
                 idx[t, c] = ei
+                if ei in fixed:
+                    continue
                 if ei in user_of:
                     parent[find(ii)] = find(user_of[ei])
                 else:
@@ -44,13 +51,30 @@ def index(items, entries) -> np.ndarray:
     return np.array([find(i) for i in range(len(items))])
 
 
-def buckets(items, sel, waste: float = 1.3, max_tokens: int = 4096):
-    """`sel` split into groups of similar suffix length (padding at most `waste` x)."""
+def readers(items, keys) -> list[int]:
+    """Indices of the items that look up any of the (row, key) entries `keys`."""
+    keys = set(keys)
+    if not keys:
+        return []
+    rows = np.fromiter((k[0] for k in keys), np.int64, len(keys))
+    out = []
+    for ii, it in enumerate(items):
+        hit = np.isin(it.rows, rows)
+        if hit.any() and any((int(it.rows[t, c]), int(it.keys[t, c])) in keys for t, c in zip(*np.nonzero(hit))):
+            out.append(ii)
+    return out
+
+
+def buckets(items, sel, overhead: int = 96, max_tokens: int = 6144):
+    """`sel` split into groups of similar suffix length: a group grows while the padding it
+    adds stays under `overhead` token positions (the fixed cost of one more batch through the
+    layers is about that much compute) and its padded size under `max_tokens`."""
     order = sorted(sel, key=lambda i: len(items[i].ids) - items[i].start)
     out, cur, total = [], [], 0
     for i in order:
         n = len(items[i].ids) - items[i].start
-        if cur and (n * (len(cur) + 1) > waste * (total + n) or n * (len(cur) + 1) > max_tokens):
+        padded = n * (len(cur) + 1)
+        if cur and (padded - (total + n) > overhead or padded > max_tokens):
             out.append(cur)
             cur, total = [], 0
         cur.append(i)
@@ -61,26 +85,50 @@ def buckets(items, sel, waste: float = 1.3, max_tokens: int = 4096):
 
 
 class Batches:
-    """Suffix batches over one FrozenPrefix, cached until the entries change (`restage`)."""
+    """Suffix batches over one FrozenPrefix, cached until the entries change (`restage`).
+
+    `extra` holds tokens that must be among every fast batch's candidates (runner-up tokens a
+    full-vocabulary check found)."""
 
     def __init__(self, model, timing: dict):
         self.model = model
         self.timing = timing
         self._cache: dict = {}
+        self.extra: set[int] = set()
 
-    def restage(self, items, entries, sel=None) -> np.ndarray:
-        """Index the items against `entries` (components returned) and compute the conv state
-        at each item's new start (of the items `sel`, default all)."""
+    def restage(self, items, entries, sel=None, fixed=None) -> np.ndarray:
+        """Index the items against `entries` (components through the entries not in `fixed`
+        returned) and compute the conv state at each item's new start (of the items `sel`,
+        default all)."""
+        t0 = time.time()
         self._cache = {}
-        comp = index(items, entries)
+        comp = index(items, entries, fixed)
         for i in range(len(items)) if sel is None else sel:
-            items[i].cs = self.model.conv_state(items[i])
+            it = items[i]
+            if it.cs is None or it.cs_at != it.start:
+                it.cs, it.cs_at = self.model.conv_state(it), it.start
+        self.timing["restage"] = self.timing.get("restage", 0.0) + time.time() - t0
         return comp
 
-    def batch(self, items, sel):
+    def add_candidates(self, tokens) -> None:
+        """More tokens every fast batch's logits cover (the cached batches get them too)."""
+        new = {int(t) for t in tokens} - self.extra
+        if not new:
+            return
+        self.extra |= new
+        add = torch.tensor(sorted(new), dtype=torch.long)
+        for (_, fast, _), bt in self._cache.items():
+            if fast and "cand" in bt:
+                gold = bt["cand"][bt["tgt"]]
+                cand = torch.unique(torch.cat([bt["cand"], add]))
+                bt["cand"], bt["cand_w"] = cand, self.model.fast.lm_weight[cand]
+                bt["tgt"] = torch.searchsorted(cand, gold)
+
+    def batch(self, items, sel, fast: bool = False, guards: bool = True):
         """Padded suffix tensors of the items `sel` (indices): positions from each item's first
         overridden look-up on, its cached prefix (attention keys/values, conv state), a mask
-        that hides padding, and where its targets sit."""
+        that hides padding, and where its targets sit. `fast`: for the bf16 copies, with logits
+        over the batch's candidate tokens (its items' it.cand and `extra`)."""
         m = self.model
         its = [items[i] for i in sel]
         B = len(its)
@@ -93,49 +141,94 @@ class Batches:
         pos = torch.zeros(B, S, dtype=torch.long)
         cs = torch.stack([it.cs for it in its])
         n_layers = len(m.layers) - m.wl
-        nkv, hd = its[0].kv[0][0].shape[0], its[0].kv[0][0].shape[2]
-        pk = [torch.zeros(B, nkv, Lp, hd) for _ in range(n_layers)]
-        pv = [torch.zeros(B, nkv, Lp, hd) for _ in range(n_layers)]
-        neg = torch.finfo(torch.float32).min
-        mask = torch.full((B, 1, S, Lp + S), neg)
-        causal = torch.triu(torch.full((S, S), neg), diagonal=1)
+        k0 = its[0].segs[0].kv[0][0]
+        nkv, hd = k0.shape[0], k0.shape[2]
+        plain = m.plain
+        dt = FAST_DTYPE if fast else torch.float32
+        pk = [torch.zeros(B, nkv, Lp, hd, dtype=dt) for _ in range(n_layers)]
+        pv = [torch.zeros(B, nkv, Lp, hd, dtype=dt) for _ in range(n_layers)]
+        if plain:
+            pmask = torch.full((B, 1, 1, Lp), NEG)
+        else:
+            neg = torch.finfo(torch.float32).min
+            mask = torch.full((B, 1, S, Lp + S), neg)
+            causal = torch.triu(torch.full((S, S), neg), diagonal=1)
         flat, tgt, ng = [], [], []
         for b, it in enumerate(its):
             s, n = it.start, len(it.ids) - it.start
             h[b, :n], e[b, :n] = it.h[s:s + n], it.e[s:s + n]
             idx[b, :n] = torch.from_numpy(it.idx[s:s + n])
             pos[b] = s + torch.arange(S)
-            for li in range(n_layers):
-                pk[li][b, :, :s] = it.kv[li][0][:, :s]
-                pv[li][b, :, :s] = it.kv[li][1][:, :s]
-            mask[b, 0, :, :s] = 0.0
-            mask[b, 0, :, Lp:] = causal
+            if s:
+                for li in range(n_layers):
+                    k, v = m.prefix_kv(it, li, s)
+                    pk[li][b, :, :s] = k
+                    pv[li][b, :, :s] = v
+            if plain:
+                pmask[b, 0, 0, :s] = 0.0
+            else:
+                mask[b, 0, :, :s] = 0.0
+                mask[b, 0, :, Lp:] = causal
             flat.extend(b * S + (it.tpos - s))
             tgt.extend(it.ttok)
-            g = it.gpos >= s                      # guards the rows can reach
+            g = (it.gpos >= s) & guards           # guards the rows can reach (training only)
             flat.extend(b * S + (it.gpos[g] - s))
             tgt.extend(it.gtok[g])
             ng.append(int(g.sum()))
-        prefix = {m.wl + li: (pk[li], pv[li]) for li in range(n_layers)}
-        return dict(h=h, e=e, idx=idx, pos=pos, cs=cs, prefix=prefix, mask=mask,
-                    flat=torch.tensor(flat, dtype=torch.long), tgt=torch.tensor(tgt, dtype=torch.long),
-                    S=S, ng=ng)
-
-    def cached(self, items, sel):
-        key = tuple(sel)
-        bt = self._cache.get(key)
-        if bt is None:
-            if len(self._cache) > 256:
-                self._cache.clear()
-            bt = self._cache[key] = self.batch(items, sel)
+        bt = dict(h=h, e=e, idx=idx, pos=pos, cs=cs, flat=torch.tensor(flat, dtype=torch.long),
+                  tgt=torch.tensor(tgt, dtype=torch.long), S=S, ng=ng, fast=fast, plain=plain)
+        if plain:
+            bt.update(pk=pk, pv=pv, pmask=pmask, causal=torch.triu(torch.full((S, S), NEG), diagonal=1))
+        else:
+            bt.update(prefix={m.wl + li: (pk[li], pv[li]) for li in range(n_layers)}, mask=mask)
+        if fast and plain:
+            cand = np.unique(np.concatenate([it.cand for it in its] +
+                                            [np.fromiter(self.extra, np.int64, len(self.extra))]))
+            cand = torch.from_numpy(cand)
+            bt["cand"] = cand
+            bt["cand_w"] = m.fast.lm_weight[cand]
+            bt["tgt"] = torch.searchsorted(cand, bt["tgt"])
         return bt
 
-    def run(self, items, sel, values, backward: bool, scale: float = 1.0):
-        """(loss, {item: margins of its targets}) over `sel`, bucketed; backward per bucket."""
+    @torch.no_grad()
+    def _confirm(self, items, bucket, bt, m):
+        """Margins over candidates that pass are recomputed over the whole vocabulary (a rival
+        outside the candidates would pass unseen); rivals found join the candidates."""
+        rows, k = [], 0
+        for i, n_guard in zip(bucket, bt["ng"]):
+            n = len(items[i].tpos)
+            if m[k:k + n].min() >= items[i].need:
+                rows.extend(range(k, k + n))
+            k += n + n_guard
+        if not rows:
+            return m
+        r = torch.tensor(rows)
+        full = torch.nn.functional.linear(bt["normed"][r], self.model.fast.lm_weight).float()
+        gold = bt["cand"][bt["tgt"][r]]
+        fm, _ = self.model.margins(full, gold)
+        rival = full.scatter(1, gold[:, None], float("-inf")).argmax(1).numpy()
+        missed = fm < m[rows] - 1e-3
+        m = m.copy()
+        m[rows] = np.minimum(m[rows], fm)
+        self.add_candidates(rival[missed])
+        return m
+
+    def cached(self, items, sel, fast: bool = False, guards: bool = True):
+        key = (tuple(sel), fast, guards)
+        bt = self._cache.get(key)
+        if bt is None:
+            if len(self._cache) > 64:
+                self._cache.clear()
+            bt = self._cache[key] = self.batch(items, sel, fast, guards)
+        return bt
+
+    def run(self, items, sel, values, backward: bool, scale: float = 1.0, fast: bool = False):
+        """(loss, {item: margins of its targets}) over `sel`, bucketed; backward per bucket;
+        `fast`: through the bf16 copies, over candidate tokens."""
         total, margins = 0.0, {}
         for bucket in buckets(items, sel):
             t0 = time.time()
-            bt = self.cached(items, bucket)
+            bt = self.cached(items, bucket, fast, guards=backward)
             t1 = time.time()
             logits = self.model.forward(bt, values)
             loss = F.cross_entropy(logits, bt["tgt"], reduction="sum") * scale
@@ -148,6 +241,11 @@ class Batches:
             self.timing["tokens"] = self.timing.get("tokens", 0) + bt["h"].shape[0] * bt["S"]
             total += float(loss.detach())
             m, _ = self.model.margins(logits.detach(), bt["tgt"])
+            if not fast:          # the full vocabulary's runner-ups join the fast candidates
+                rival = logits.detach().scatter(1, bt["tgt"][:, None], float("-inf")).argmax(1)
+                self.add_candidates(rival.numpy())
+            elif "cand" in bt:
+                m = self._confirm(items, bucket, bt, m)
             k = 0
             for i, n_guard in zip(bucket, bt["ng"]):
                 n = len(items[i].tpos)

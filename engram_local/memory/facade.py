@@ -73,7 +73,7 @@ def jsonl_facts(path: str | os.PathLike) -> list[NewFact]:
             raise FactInputError(f"{path}:{n}: not JSON ({exc})") from None
         if not isinstance(d, dict) or "prompt" not in d or "answer" not in d:
             raise FactInputError(f"{path}:{n}: each line needs \"prompt\" and \"answer\"")
-        answer = _answer_text(d["answer"])
+        answer = _answer_text(d["answer"], f"{path}:{n}")
         paras = d.get("paraphrases") or []
         if not isinstance(paras, list):
             raise FactInputError(f"{path}:{n}: \"paraphrases\" must be a list of strings")
@@ -497,6 +497,7 @@ def forget(path: str | os.PathLike, fact_ids: Sequence[str], em, tok, fingerprin
         existing, owner = _fit_inputs(mf, wl)
         kept_keys = {k for f in keep for k in owner[f.id]}
         orphan_keys = {k for k in existing if not any(k in v for v in owner.values())}
+        dropped = [k for k in existing if k not in kept_keys and k not in orphan_keys]
         existing = {k: v for k, v in existing.items() if k in kept_keys or k in orphan_keys}
         owner = {f.id: owner[f.id] for f in keep}
         s = settings or FitSettings()
@@ -511,7 +512,8 @@ def forget(path: str | os.PathLike, fact_ids: Sequence[str], em, tok, fingerprin
                     n = len(answer_tokens(tok, p, f.answer)[1])
                     ins.append(FactIn(f"forgotten:{len(ins)}", [p], f.answer, keep_out=True,
                                       keep_out_tokens=greedy(em, tok, p, n)))
-            res = fitter.fit(ins, existing, owner) if (any(not f.keep_out for f in ins) or existing) else None
+            res = fitter.fit(ins, existing, owner, dropped=dropped) \
+                if (any(not f.keep_out for f in ins) or existing) else None
         if res is None:
             from engram_local.memory.writer import FitResult
             res = FitResult(rows=np.zeros(0, np.int64), keys=np.zeros(0, np.int64),

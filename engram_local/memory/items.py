@@ -30,12 +30,26 @@ class FitSettings:
     margin: float = 2.0             # every answer token must beat the runner-up logit by this
     context_margin: float = 4.0     # the same in a fact's contexts (chat replies): the real
                                     # question is not the stand-in, so the rows need headroom
-    heads: int = 1                  # highest-order heads written per position at first
+    heads: int = 4                  # highest-order heads written per position at first (4: the
+                                    # fit converges in about half the steps of 1 head)
     anchors: bool = True            # facts sharing their trigger rows get a row of their own
     common_logp: float | None = -8.0  # N-grams the model finds likelier than 10**this (from a
                                     # document start) are common: no rows there where avoidable
                                     # (placement.mark_rare); None = write at any N-gram
-    grow_after: int = 15            # steps a component may fail before it gets more rows
+    grow_after: int = 8             # steps a component may fail before it gets more rows
+    patience: int = 12              # steps a component may go on once every prompt first met its
+                                    # full margin and every chat form `fair`; then it stops at
+                                    # the next step where they do
+    fair: float = 2.0
+    late: int = 80                  # steps after which a component stops as soon as every answer
+    late_margin: float = 0.5        # of it wins by late_margin (a bound on the rare facts whose
+                                    # chat forms pull against each other without end)
+    recheck: int = 3                # an item that met its margin rests, looked at again every
+                                    # this many steps (0: every item of an unfinished component
+                                    # runs every step)
+    incremental: bool = True        # adding to / forgetting from a file: fit only the items the
+                                    # new, freed or dropped rows reach (earlier rows stay fixed
+                                    # until a new fact cannot do without them)
     unembed_scale: float | None = None  # UNEMBED_P scale: None = |W_V e| = gain * |h| (calibrated);
                                     # the paper's fixed 20 suits its own model only
     gain: float = 3.0               # calibrated start: the written value moves h by gain * |h|
@@ -47,6 +61,10 @@ class FitSettings:
                                     # runtime's own (text.tokens.sequence_start)
     fit_all_prefixes: bool = True   # fit every sequence start from the first step (else only
                                     # the first; the others join when the final check fails)
+    drop_conflicts: bool = True     # leave out chat contexts another fact contradicts
+                                    # (items.conflicting_contexts)
+    fast: bool = True               # optimizer steps through bf16 copies of the later layers
+                                    # (prefix.FrozenPrefix.fast); every check stays fp32
     seed: int = 0
 
 
@@ -110,13 +128,18 @@ class Item:
     e: torch.Tensor | None = None   # (T, H, d) base look-ups at the write layer
     rows: np.ndarray | None = None  # (T, H)
     keys: np.ndarray | None = None  # (T, H)
-    kv: list | None = None          # per later layer (k, v) each (n_kv, T, hd)
+    kv: list | None = None          # unused (the keys/values live in `segs`)
+    segs: list | None = None        # the trie segments of its sequence (prefix._Seg): the later
+                                    # layers' keys/values of every position
+    cand: np.ndarray | None = None  # candidate tokens of fast steps: targets, guards, the base
+                                    # model's top tokens there
     base_margin: np.ndarray | None = None
     base_pred: np.ndarray | None = None
     # filled by batching.restage
     idx: np.ndarray | None = None   # (T, H) entry index of each look-up or -1
     start: int = 0                  # first position with an overridden look-up
     cs: torch.Tensor | None = None  # the write layer's conv state at `start`
+    cs_at: int = -1                 # the start `cs` was computed for
     # guards (chat contexts): positions whose next prompt token the rows must not disturb, as
     # the model itself says the prompt there; in the loss only (prompts sharing words conflict)
     gpos: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
@@ -134,14 +157,53 @@ def sequence_starts(tok, s: FitSettings) -> list[tuple]:
     return [own] + [tuple(p) for p in s.extra_prefixes if tuple(p) != own]
 
 
+def _norm(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+def conflicting_contexts(facts: list[FactIn]) -> set[tuple[int, int]]:
+    """(fact index, context index) of the chat contexts another fact contradicts: after the
+    context's prompt, another fact's prompt or context (with another answer) goes on with other
+    words ("My name is" -> "Emma Carter" as a fact, and "My name is" -> "Aisha Rahman" as the way
+    another fact is recited; "My profession is" -> "Lakeshore General Hospital" and "My
+    profession is a" -> "graphic designer"). The two cannot both hold (the rows are keyed on the
+    words before the answer); fitting them would take every step the fit may take and break
+    the facts' own prompts. A fact's own prompts are never left out."""
+    forms = []          # (fact index, context index or -1, prompt words, answer words)
+    for fi, f in enumerate(facts):
+        if f.keep_out:
+            continue
+        a = tuple(_norm(f.answer).split())
+        forms += [(fi, -1, tuple(_norm(p).split()), a) for p in f.prompts]
+        forms += [(fi, ci, tuple(_norm(p).split()), a) for ci, (_, p) in enumerate(f.contexts)]
+    by_prompt: dict[tuple, list] = {}
+    for form in forms:
+        by_prompt.setdefault(form[2], []).append(form)
+    out = set()
+    for fb, cb, pb, ab in forms:
+        seq = pb + ab
+        for n in range(1, len(seq)):
+            for fa, ca, pa, aa in by_prompt.get(seq[:n], ()):
+                if fa == fb or aa == ab or seq[n:n + 1] == aa[:1]:
+                    continue
+                if ca >= 0:
+                    out.add((fa, ca))
+                if cb >= 0:
+                    out.add((fb, cb))
+    return out
+
+
 def items_for(tok, facts: list[FactIn], s: FitSettings) -> list[Item]:
     """The token sequences of `facts`: every prompt after every sequence start, and every chat
-    context (its lead ids already hold the runtime's start)."""
+    context (its lead ids already hold the runtime's start) but those another fact contradicts
+    (`conflicting_contexts`, with `s.drop_conflicts`)."""
     starts = sequence_starts(tok, s)
+    skip = conflicting_contexts(facts) if s.drop_conflicts else set()
     items = []
     for fi, f in enumerate(facts):
         leads = [(None, prompt) for prompt in f.prompts]
-        leads += [(tuple(lead), prompt) for lead, prompt in ([] if f.keep_out else f.contexts)]
+        leads += [(tuple(lead), prompt) for ci, (lead, prompt) in enumerate([] if f.keep_out else f.contexts)
+                  if (fi, ci) not in skip]
         for lead, prompt in leads:
             p, a = answer_tokens(tok, prompt, f.answer)
             if f.keep_out:

@@ -27,23 +27,27 @@ class Optimisation:
         self.trace = trace if trace is not None else []   # (step, loss, components left, entries)
         self.final_margins: dict = {}
 
-    def run(self, items, facts, placement) -> int:
-        """Optimise placement.values in place; the number of optimizer steps."""
+    def run(self, items, facts, placement, extend=None) -> int:
+        """Optimise placement.values in place; the number of optimizer steps. `extend()`, called
+        after rows were added or unfrozen, may append items to `items` (those the change
+        reaches) and returns whether it did."""
         if self.s.method == "unembed":
             return 0
         if self.s.method == "opt":
             return self.opt(items, facts, placement)
-        return self.joint(items, placement)
+        return self.joint(items, placement, extend)
 
     # ------------------------------------------------------------ joint
-    def joint(self, items, placement) -> int:
+    def joint(self, items, placement, extend=None) -> int:
         s, values, entries = self.s, placement.values, placement.entries
         param = torch.nn.Parameter(torch.from_numpy(np.stack(values)) if values else torch.zeros(0, self.model.d))
         opt = self._make_opt(param)
+        fixed: set[int] = set()
 
         def restage():
-            nonlocal param, opt
-            comp = self.batches.restage(items, entries)
+            nonlocal param, opt, fixed
+            fixed = set(placement.fixed.tolist())
+            comp = self.batches.restage(items, entries, fixed=fixed)
             if len(values) > param.shape[0]:       # new entries: grow the parameter, keep Adam state
                 new = torch.from_numpy(np.stack(values[param.shape[0]:]))
                 old_state = opt.state.get(param, {})
@@ -54,7 +58,6 @@ class Optimisation:
             return comp
 
         comp = restage()
-        fixed = set(placement.fixed.tolist())
 
         def untrainable():
             # components no trainable row reaches cannot change: never active
@@ -64,39 +67,86 @@ class Optimisation:
 
         done: set[int] = untrainable()   # converged (or unchangeable) components
         failing_since: dict[int, int] = {}
+        fair_since: dict[int, int] = {}            # component -> step it was first fair at
+        started: dict[int, int] = {}               # component -> step it first ran at
+        gave_up: set[int] = set()                  # items of components that stopped short
         step = 0
         checks = 0
         bar = self.progress(total=s.max_steps) if self.progress else None
+        passed: dict[int, int] = {}     # item -> the step it last met its margin at
+        verify: set[int] = set()        # components to evaluate whole at the next step
         while step < s.max_steps:
             active = [i for i, it in enumerate(items) if it.train and comp[i] not in done]
             if not active:
                 # every component converged: check everything with the stored value type
                 checks += 1
-                failed = self.check(items, self.rounded(param.detach()))
+                failed = [i for i in self.check(items, self.rounded(param.detach())) if i not in gave_up]
                 self.trace.append(("check", len(failed), sorted({items[i].fact for i in failed})))
                 if not failed or checks > 8:
                     break
                 for i in failed:
                     items[i].train = True
+                    passed.pop(i, None)
                     done.discard(comp[i])
+                    fair_since.pop(comp[i], None)
+                    started.pop(comp[i], None)
                 continue
+            # items that met their margin rest (no forward, no backward) and are looked at again
+            # every `recheck` steps; the rows only resting items read do not move meanwhile
+            if s.recheck > 0:
+                run = [i for i in active if i not in passed or step - passed[i] >= s.recheck
+                       or comp[i] in verify]
+            else:
+                run = active
             opt.zero_grad(set_to_none=False)
-            loss, item_margins = self.batches.run(items, active, param, backward=True,
-                                                  scale=1.0 / len(active))
+            loss, item_margins = self.batches.run(items, run, param, backward=True,
+                                                  scale=1.0 / len(run), fast=s.fast)
             item_min = {i: float(m.min()) for i, m in item_margins.items()}
+            for i in run:
+                if item_min[i] >= items[i].need:
+                    passed[i] = step
+                else:
+                    passed.pop(i, None)
+            ran = set(run)
             snapshot = param.detach().clone()
             comp_ok: dict[int, bool] = {}
+            comp_whole: dict[int, bool] = {}
+            comp_fair: dict[int, bool] = {}
+            comp_least: dict[int, float] = {}
             for i in active:
-                comp_ok[comp[i]] = comp_ok.get(comp[i], True) and item_min[i] >= items[i].need
-            newly = [c for c, ok in comp_ok.items() if ok]
-            # entries used by converged components freeze at the values that passed
+                c = comp[i]
+                comp_ok[c] = comp_ok.get(c, True) and i in passed
+                comp_whole[c] = comp_whole.get(c, True) and i in ran
+                comp_fair[c] = comp_fair.get(c, True) and (i in passed or (
+                    i in ran and item_min[i] >= self._fair(items[i])))
+                if i in ran:
+                    comp_least[c] = min(comp_least.get(c, np.inf), item_min[i])
+            # a component is done when all its items meet their margins at one evaluation
+            newly = [c for c, ok in comp_ok.items() if ok and comp_whole[c]]
+            verify = {c for c, ok in comp_ok.items() if ok and not comp_whole[c]}
+            # a component whose prompts all give their answers with their full margin and whose
+            # chat forms all give theirs with a fair one (`settings.fair`) stops there once it
+            # was first so `patience` steps ago: the last steps to the chat forms' full margins
+            # are the slowest (facts sharing rows pull them back and forth; facts whose chat
+            # forms contradict each other never get there)
+            for c, fair in comp_fair.items():
+                if c in newly or c in verify:
+                    continue
+                started.setdefault(c, step)
+                if fair:
+                    fair_since.setdefault(c, step)
+                late = step - started[c] >= s.late and comp_least.get(c, -1.0) >= s.late_margin
+                if late or (fair and step - fair_since[c] >= s.patience):
+                    newly.append(c)
+                    gave_up.update(i for i in active if comp[i] == c)
+            # entries only converged components or resting items read keep the values that passed
             live = torch.zeros(param.shape[0], dtype=torch.bool)
             for i in active:
-                if comp[i] not in newly:
+                if comp[i] not in newly and i not in passed:
                     used = items[i].idx[items[i].idx >= 0]
                     live[torch.from_numpy(np.unique(used))] = True
-            if len(placement.fixed):
-                live[torch.from_numpy(placement.fixed)] = False
+            if fixed:
+                live[torch.from_numpy(np.fromiter(fixed, np.int64, len(fixed)))] = False
             opt.step()
             with torch.no_grad():
                 param[~live] = snapshot[~live]
@@ -104,26 +154,44 @@ class Optimisation:
             step += 1
             left = {comp[i] for i in active} - set(newly)
             self.trace.append((step, round(loss, 3), len(left), param.shape[0],
-                               sorted({items[i].fact for i in active if comp[i] in left})[:8]))
+                               sorted({items[i].fact for i in active if comp[i] in left})[:8], len(run)))
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}", left=len({comp[i] for i in active} - set(newly)))
-            # growth: components failing too long get rows at their failing positions
+                bar.set_postfix(loss=f"{loss:.3f}", left=len(left))
+            # growth: components failing too long get rows at their failing positions (or, when
+            # they have none to get, the fixed rows they read are freed)
             grew = False
-            for c in {comp[i] for i in active} - set(newly):
+            for c in left:
                 failing_since.setdefault(c, step)
                 if step - failing_since[c] >= s.grow_after:
                     failing_since[c] = step
-                    grew |= any([placement.grow(i, item_margins[i]) for i in active
-                                 if comp[i] == c and i in item_margins])
+                    mine = [i for i in run if comp[i] == c]
+                    g = any([placement.grow(i, item_margins[i]) for i in mine])
+                    if not g:
+                        g = placement.unfreeze([i for i in mine if item_min[i] < items[i].need])
+                    grew |= g
             if grew:
                 self._store(param, values)
+                was_done = {i for i in range(len(items)) if comp[i] in done}
+                if extend is not None:
+                    extend()
                 comp = restage()
-                done, failing_since = untrainable(), {}
+                # components all of whose items had stopped stay stopped (growth elsewhere does
+                # not reach them); the others start over
+                still: dict[int, bool] = {}
+                for i in range(len(items)):
+                    still[comp[i]] = still.get(comp[i], True) and i in was_done
+                done = untrainable() | {c for c, ok in still.items() if ok}
+                failing_since, fair_since, started, verify = {}, {}, {}, set()
         if bar is not None:
             bar.close()
         self._store(param, values)
         return step
+
+    def _fair(self, it) -> float:
+        """The margin an item must keep for its component to stop short of full margins: a
+        prompt's own (need <= settings.margin) in full, a chat form's `settings.fair`."""
+        return it.need if it.need <= self.s.margin else min(it.need, self.s.fair)
 
     @staticmethod
     def _store(param, values):
@@ -188,16 +256,22 @@ class Optimisation:
         """Indices of items whose answer is not the argmax with half the margin (or their own
         smaller one), with the values as given."""
         _, margins = self.batches.run(items, list(range(len(items))), values, backward=False)
+        self._checked = (len(items), values.detach().clone(), margins)
         return [i for i in range(len(items)) if margins[i].min() < min(items[i].need, self.s.margin / 2)]
 
     @torch.no_grad()
     def final_check(self, items, facts, entries, vals) -> dict[str, bool]:
         """{fact id: every form of the fact produces its whole answer greedily} with the values
-        rounded to the file's type."""
-        self.batches.restage(items, entries)
+        rounded to the file's type (facts without items here: True)."""
         values = self.rounded(torch.from_numpy(vals)) if len(vals) else torch.zeros(0, self.model.d)
         recalled = {f.id: True for f in facts if not f.keep_out}
-        _, margins = self.batches.run(items, list(range(len(items))), values, backward=False)
+        last = getattr(self, "_checked", None)
+        if last is not None and last[0] == len(items) and last[1].shape == values.shape \
+                and torch.equal(last[1], values):
+            margins = last[2]          # the loop's last check ran on exactly these values
+        else:
+            self.batches.restage(items, entries)
+            _, margins = self.batches.run(items, list(range(len(items))), values, backward=False)
         for i, it in enumerate(items):
             if margins[i].min() <= 0 and facts[it.fact].id in recalled:
                 recalled[facts[it.fact].id] = False

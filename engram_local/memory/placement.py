@@ -44,7 +44,8 @@ def letter_tokens(tok) -> np.ndarray:
 
 
 @torch.no_grad()
-def mark_rare(em, items, common_logp, letters, start_id: int, window: int = 4, chunk: int = 256):
+def mark_rare(em, items, common_logp, letters, start_id: int, window: int = 4, chunk: int = 256,
+              scorer=None, cache: dict | None = None):
     """it.rare[t]: the highest-order N-gram ending at t is rare enough to carry a row.
 
     An N-gram is common when the model itself, from a document start (`start_id`,
@@ -52,32 +53,40 @@ def mark_rare(em, items, common_logp, letters, start_id: int, window: int = 4, c
     10**common_logp ("was born in" 10**-5.4, "works as a" 10**-7.5), or when none of its tokens
     has a letter (digits: " 20", "199"). Rows there would fire in ordinary text; the writer
     avoids them where it can. Only the trigger, the `window` prompt positions before it and the
-    answer positions are scored."""
+    answer positions are scored. `scorer(x)` gives log p(x[:, t + 1] | x[:, :t + 1]) (default:
+    the model's own forward); `cache` {N-gram: log10 p} keeps scores between calls (the same
+    model and start)."""
     n = em.cfg.max_ngram_size
-    todo: dict[tuple, float] = {}
+    cache = {} if cache is None else cache
+    todo: set[tuple] = set()
     for it in items:
         it.rare = np.zeros(len(it.ids), bool)
         lo = max(it.prefix_len, int(it.tpos[0]) - window)
         for t in range(lo, len(it.ids)):
-            todo.setdefault(tuple(it.ids[max(it.prefix_len, t - n + 1):t + 1]), 0.0)
-    if common_logp is None:
-        scores = {g: -np.inf for g in todo}
-    else:
+            g = tuple(it.ids[max(it.prefix_len, t - n + 1):t + 1])
+            if g not in cache:
+                todo.add(g)
+    if common_logp is not None:
         grams = [g for g in todo if any(letters[x] for x in g)]
-        scores = {g: 0.0 for g in todo}
+        for g in todo:
+            cache[g] = 0.0
+        if scorer is None:
+            def scorer(x):
+                lp = torch.log_softmax(em(x).logits.float(), dim=-1)
+                return lp[:, :-1].gather(2, x[:, 1:, None])[..., 0]
         for c0 in range(0, len(grams), chunk):
             part = grams[c0:c0 + chunk]
             x = torch.full((len(part), n + 1), start_id, dtype=torch.long)
             for b, g in enumerate(part):
                 x[b, 1:1 + len(g)] = torch.tensor(g)
-            lp = torch.log_softmax(em(x).logits.float(), dim=-1)
+            lp = scorer(x)
             for b, g in enumerate(part):
-                scores[g] = sum(float(lp[b, j, g[j]]) for j in range(len(g))) / math.log(10)
+                cache[g] = float(lp[b, :len(g)].sum()) / math.log(10)
     for it in items:
         lo = max(it.prefix_len, int(it.tpos[0]) - window)
         for t in range(lo, len(it.ids)):
             g = tuple(it.ids[max(it.prefix_len, t - n + 1):t + 1])
-            it.rare[t] = common_logp is None or scores[g] < common_logp
+            it.rare[t] = common_logp is None or cache[g] < common_logp
 
 
 class Placement:
@@ -105,6 +114,28 @@ class Placement:
                     self.owner[fid_index[fid]].add(self.add(tuple(k)))
         owned = set().union(*self.owner.values()) if self.owner else set()
         self.fixed = np.array(sorted(set(range(len(self.values))) - owned), np.int64)
+        self.owned = owned                       # entries some fact of this fit owns
+        self.n_existing = len(self.values)
+
+    def freeze_existing(self, keep_free=()) -> None:
+        """Every entry already in the file stays fixed, but `keep_free` (entry indices)."""
+        free = set(keep_free)
+        self.fixed = np.array([e for e in range(self.n_existing) if e not in free], np.int64)
+
+    def unfreeze(self, item_indices) -> bool:
+        """Free the fixed entries the items look up that a fact of this fit owns (a fact that
+        cannot be fitted with its own rows alone); whether any were."""
+        fixed = set(self.fixed.tolist())
+        free = set()
+        for ii in item_indices:
+            it = self.items[ii]
+            if it.idx is None:
+                continue
+            free |= {int(e) for e in np.unique(it.idx[it.idx >= 0])} & fixed & self.owned
+        if not free:
+            return False
+        self.fixed = np.array(sorted(fixed - free), np.int64)
+        return True
 
     # ------------------------------------------------------------ entries
     def add(self, key, value=None) -> int:
@@ -153,24 +184,38 @@ class Placement:
         [W_V; sqrt(mu) W_K] e = [u; sqrt(mu) RMSNorm(h)] (unit-norm targets); the gate reads
         the direction of W_K e only. Scaled so |W_V e| = gain * |h| (or by unembed_scale)."""
         m, d = self.model, self.model.d
-        w = m.eng.w_v.weight.detach()                              # (D, E)
-        sel = torch.cat([w[:, c * d:(c + 1) * d] for c in cols], dim=1)
         u = m.lm_head.weight.detach()[token]
         mu = self.s.init_gate if (h is not None and self.s.method != "unembed") else 0.0
+        sel, solve = self._solver(tuple(cols), mu)
         if mu > 0:
-            wk = m.eng.w_k.weight.detach()
-            selk = torch.cat([wk[:, c * d:(c + 1) * d] for c in cols], dim=1)
             hq = m.eng.norm_q(h.detach())
-            a = torch.cat([sel, math.sqrt(mu) * selk])
             b = torch.cat([u / u.norm(), math.sqrt(mu) * hq / hq.norm()])
-            e = torch.linalg.lstsq(a, b[:, None]).solution[:, 0]
         else:
-            e = torch.linalg.pinv(sel) @ u
+            b = u
+        e = solve @ b
         if self.s.unembed_scale is not None:
             e = e * self.s.unembed_scale
         else:
             e = e * (self.s.gain * self.h_norm / max(float((sel @ e).norm()), 1e-12))
         return e.reshape(len(cols), d).numpy()
+
+    def _solver(self, cols: tuple, mu: float):
+        """(W_V[:, cols], the pseudo-inverse solving the start value's least squares), per
+        column set (the same for every position: computed once per fit)."""
+        cache = self.__dict__.setdefault("_solvers", {})
+        key = (cols, mu)
+        if key not in cache:
+            m, d = self.model, self.model.d
+            w = m.eng.w_v.weight.detach()                          # (D, E)
+            sel = torch.cat([w[:, c * d:(c + 1) * d] for c in cols], dim=1)
+            if mu > 0:
+                wk = m.eng.w_k.weight.detach()
+                selk = torch.cat([wk[:, c * d:(c + 1) * d] for c in cols], dim=1)
+                a = torch.cat([sel, math.sqrt(mu) * selk])
+            else:
+                a = sel
+            cache[key] = (sel, torch.linalg.pinv(a))
+        return cache[key]
 
     # ------------------------------------------------------------ positions
     def trigger_position(self, it) -> int:
@@ -179,18 +224,23 @@ class Placement:
         t0 = int(it.tpos[0])
         if it.rare[t0]:
             return t0
-        for t in range(t0 - 1, it.prefix_len - 1, -1):
-            if it.rare[t]:
-                return t
-        return t0
+        ok = [t for t in range(t0 - 1, it.prefix_len - 1, -1) if it.rare[t]]
+        return (self._lead_free(it, ok) or ok or [t0])[0]
 
     def anchor_position(self, it) -> int | None:
         """The last prompt position before the trigger whose N-gram is rare and the fact's alone."""
         h0 = self.model.hi_cols[0]
-        for t in range(self.trigger_position(it) - 1, it.prefix_len - 1, -1):
-            if it.rare[t] and self._facts_by_key[int(it.keys[t, h0])] == {it.fact}:
-                return t
-        return None
+        ok = [t for t in range(self.trigger_position(it) - 1, it.prefix_len - 1, -1)
+              if it.rare[t] and self._facts_by_key[int(it.keys[t, h0])] == {it.fact}]
+        return (self._lead_free(it, ok) or ok or [None])[0]
+
+    def _lead_free(self, it, positions) -> list[int]:
+        """The positions whose N-gram no chat lead holds: a row there does not fire inside the
+        question of a chat turn (echo questions repeat the prompt's words), so the turn reads
+        the question as without memory, and the fit runs only from the prompt on."""
+        h0 = self.model.hi_cols[0]
+        lead = getattr(self, "_lead_keys", set())
+        return [t for t in positions if int(it.keys[t, h0]) not in lead]
 
     def token_for(self, it, t: int) -> int:
         """The token a row at position t should push: its target, or the first answer token."""
@@ -198,17 +248,19 @@ class Placement:
         return int(it.ttok[hit[0]]) if len(hit) else int(it.ttok[0])
 
     # ------------------------------------------------------------ placing
-    def place_new(self, earlier=()):
+    def place_new(self, earlier=(), keyed=None):
         """Rows for the new facts (facts whose id is not in `earlier` keep their rows; they grow
         only if they fail): at the trigger (or its stand-in) and at every later target position
         the unmodified model gets wrong, unless that position's N-gram is common. Needs it.rare
-        (mark_rare)."""
+        (mark_rare). `keyed`: the items whose N-grams count as other facts' (default: these)."""
         items, s, h0 = self.items, self.s, self.model.hi_cols[0]
         # Facts whose trigger N-gram other facts share ("was born in" -> 1993 / 2013) get an
         # anchor too: a row at their last prompt position whose N-gram is
         # theirs alone ("Quinn was"), which tells the shared rows whose answer to give.
         self._facts_by_key: dict[int, set] = {}
-        for it in items:
+        self._lead_keys: set[int] = set()
+        for it in (items if keyed is None else keyed):
+            self._lead_keys.update(int(k) for k in it.keys[:it.prefix_len, h0])
             if it.write and it.train:
                 for t in range(len(it.ids)):
                     self._facts_by_key.setdefault(int(it.keys[t, h0]), set()).add(it.fact)

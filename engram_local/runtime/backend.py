@@ -28,6 +28,17 @@ Hooks a backend implements (each sees `tokens` as it was before the call):
     (the caller then resets); True when done.
   * `_clear()` -- drop all per-sequence state.
 
+Several sequences (the engine, runtime.engine, uses these; written here for a backend of one
+sequence, where sequence 0 is the sequence above; llama_backend overrides them for n_seq > 1):
+  * `n_seq` -- sequences the backend holds (ids 0..n_seq-1); `n_ctx` is per sequence.
+  * `decode_step(entries)` -- entries [(seq, tokens, want_logits)], each sequence once, at most
+    n_batch tokens in all: appends each entry's tokens to its sequence in one decode and returns,
+    per entry, its last token's float32 logits (a copy) where wanted, else None.
+  * `seq_tokens(seq)`, `seq_truncate(seq, n)` -- a sequence's tokens; roll it back to n.
+  * `set_seq_stack(seq, stack)` -- the user memory a sequence reads (`make_stack(sidecar,
+    overrides)` builds one; None: the backend's own); a change forgets the sequence.
+  * `reset_all()` -- forget every sequence.
+
 Attributes and methods a backend provides besides (session uses them; not written here):
   `name`, `n_ctx`, `n_vocab`, `n_batch`, `add_bos`, `chat_template`, `tokenize(text, add_bos)`,
   `detokenize(tokens)`, `is_eog(token)`, `set_overrides(sidecar, overrides)` (swap the user
@@ -93,6 +104,42 @@ class Backend(ABC):
         """Forget the sequence."""
         self._clear()
         self.tokens = []
+
+    # ---------------------------------------------------------------- several sequences
+    n_seq: int = 1
+
+    def _only_seq0(self, seq: int) -> None:
+        if int(seq) != 0:
+            raise ValueError(f"the {self.name} backend holds one sequence (0), not {seq}")
+
+    def decode_step(self, entries) -> list:
+        """Append each entry's tokens [(seq, tokens, want_logits)] to its sequence; per entry its
+        last token's logits where wanted, else None (module docstring)."""
+        out = []
+        for seq, tokens, want in entries:
+            self._only_seq0(seq)
+            logits = self.eval(tokens)
+            out.append(logits if want else None)
+        return out
+
+    def seq_tokens(self, seq: int) -> list[int]:
+        self._only_seq0(seq)
+        return self.tokens
+
+    def seq_truncate(self, seq: int, n: int) -> None:
+        self._only_seq0(seq)
+        self.truncate(n)
+
+    def set_seq_stack(self, seq: int, stack) -> None:
+        self._only_seq0(seq)
+        if stack is not None:
+            raise RuntimeError(f"the {self.name} backend reads only its own override stack")
+
+    def make_stack(self, sidecar, overrides):
+        raise RuntimeError(f"the {self.name} backend reads only its own override stack")
+
+    def reset_all(self) -> None:
+        self.reset()
 
     # ---------------------------------------------------------------- hooks
     @abstractmethod

@@ -12,9 +12,17 @@ Node names like `l_out-15` are llama.cpp internals, not API: llama-cpp-python is
 node fails loudly ("llama.cpp's graph has no node l_out-15 ...") instead of silently dropping
 the Engram.
 
-Rules the callback relies on: one sequence; every llama_decode submits at most n_batch tokens and
-n_ubatch = n_batch, so one decode is one ubatch and its tokens are the ones announced with
-`EngramRuntime.begin`.
+Several sequences (n_seq > 1) decode together: llama.cpp's seq_id per token, one unified KV
+cache (each sequence may grow to n_ctx positions; the cache holds n_ctx x n_seq cells), and in
+the runtime each sequence has its own Engram history and its own override stack (a user's
+memory, `set_seq_stack`), which the C callback picks per token. Sequence 0 is also the
+`Backend` sequence (`eval`, `truncate`, `reset`).
+
+Rules the callback relies on: every llama_decode submits at most n_batch tokens and
+n_ubatch = n_batch, so one decode is one ubatch; the KV cache is unified, so llama.cpp splits
+batches with split_simple, which keeps the batch's row order; each sequence's tokens are one run
+of consecutive rows (`decode_step` builds batches that way). Those rows are the ones announced
+with `EngramRuntime.begin`.
 """
 
 from __future__ import annotations
@@ -29,7 +37,9 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from engram_local import native
+from engram_local.native.runtime import OverrideStacks
 from engram_local.runtime.backend import Backend
+from engram_local.runtime.context import check_new_tokens
 
 # The llama-cpp-python release whose graph node names this backend was written against.
 PINNED_LLAMA_CPP_PYTHON = "0.3.36"
@@ -178,9 +188,11 @@ def engram_kernels(sidecar, overrides: Mapping[int, Sequence[native.OverrideSet]
 class LlamaCppBackend(Backend):
     """One llama.cpp context over a backbone GGUF, with an optional Engram and LoRA adapter.
 
-    `eval(tokens)` appends tokens to the sequence and returns the last position's logits;
+    `eval(tokens)` appends tokens to sequence 0 and returns the last position's logits;
     `truncate(n)` rolls the KV cache and the Engram state back to n positions (so a chat turn
     re-decodes only what changed); `reset()` forgets everything (runtime.backend.Backend).
+    With n_seq > 1, `decode_step` decodes several sequences in one llama_decode (each with its
+    own override stack, `set_seq_stack`); `eval` goes through the same step.
     The model, context, batch and adapter handles each have one owner (_Native) that frees them.
     """
 
@@ -188,8 +200,8 @@ class LlamaCppBackend(Backend):
 
     def __init__(self, backbone: str | os.PathLike, *, sidecar=None, overrides=None,
                  adapter: str | os.PathLike | None = None, n_ctx: int = 2048, n_batch: int = 512,
-                 n_threads: int | None = None, n_gpu_layers: int = 0, flash_attn: bool = False,
-                 kv_f32: bool = False, log=None):
+                 n_threads: int | None = None, n_gpu_layers: int = 0, flash_attn: bool | None = False,
+                 kv_f32: bool = False, log=None, n_seq: int = 1):
         self._model = self._ctx = self._batch = self._adapter = None   # close() works from here on
         self.runtime = None
         llama_cpp = _llama_cpp()
@@ -215,20 +227,22 @@ class LlamaCppBackend(Backend):
                                 "(set ENGRAM_LOCAL_LLAMA_LOG=1 to see llama.cpp's reason)")
         self._model = _Native(model, llama_cpp.llama_model_free)
         try:
-            self._setup(backbone, sidecar, overrides, adapter, n_ctx, n_batch, n_threads, flash_attn, kv_f32)
+            self._setup(backbone, sidecar, overrides, adapter, n_ctx, n_batch, n_threads, flash_attn, kv_f32,
+                        max(1, int(n_seq)))
         except BaseException:
             self.close()
             raise
 
-    def _setup(self, backbone, sidecar, overrides, adapter, n_ctx, n_batch, n_threads, flash_attn, kv_f32):
+    def _setup(self, backbone, sidecar, overrides, adapter, n_ctx, n_batch, n_threads, flash_attn, kv_f32, n_seq):
         ll, model = self._ll, self._model.handle
         self.vocab = ll.llama_model_get_vocab(model)
         self.n_vocab = int(ll.llama_vocab_n_tokens(self.vocab))
         self.n_embd = int(ll.llama_model_n_embd(model))
         self.n_layer = int(ll.llama_model_n_layer(model))
         n_ctx = int(n_ctx) if n_ctx else int(ll.llama_model_n_ctx_train(model))
-        self.n_ctx = n_ctx
-        self.n_batch = max(1, min(int(n_batch), n_ctx))
+        self.n_ctx = n_ctx                      # positions per sequence
+        self.n_seq = n_seq
+        self.n_batch = max(1, min(int(n_batch), n_ctx * n_seq))
         threads = int(n_threads) if n_threads else max(1, (os.cpu_count() or 2) // 2)
 
         if sidecar is not None:
@@ -247,17 +261,19 @@ class LlamaCppBackend(Backend):
                 raise ValueError(f"the Engram's canonical map covers {cmap.shape[0]} token ids, the "
                                  f"backbone has {self.n_vocab}")
             self.runtime = native.EngramRuntime(engram_kernels(sidecar, overrides), list(cfg.layer_ids),
-                                                cmap, n_ctx, self.n_batch, ggml_api())
+                                                cmap, n_ctx, self.n_batch, ggml_api(), n_seqs=n_seq)
 
         cparams = ll.llama_context_default_params()
-        cparams.n_ctx = n_ctx
+        cparams.n_ctx = n_ctx * n_seq
         cparams.n_batch = self.n_batch
         cparams.n_ubatch = self.n_batch          # one decode = one ubatch (the callback relies on it)
-        cparams.n_seq_max = 1
+        cparams.n_seq_max = n_seq
+        cparams.kv_unified = True                # split_simple: llama.cpp keeps the batch's row order
         cparams.n_threads = threads
         cparams.n_threads_batch = threads
         cparams.no_perf = True
-        cparams.flash_attn_type = (ll.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
+        cparams.flash_attn_type = (ll.LLAMA_FLASH_ATTN_TYPE_AUTO if flash_attn is None     # llama.cpp's default
+                                   else ll.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
                                    else ll.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         if kv_f32:                               # exact comparisons with torch (tests)
             cparams.type_k = cparams.type_v = 0  # GGML_TYPE_F32
@@ -292,6 +308,10 @@ class LlamaCppBackend(Backend):
                 raise LlamaCppError(f"{adapter}: llama.cpp could not apply the LoRA adapter")
 
         self._batch = _Native(ll.llama_batch_init(self.n_batch, 0, 1), ll.llama_batch_free)
+        self._tok = np.zeros(self.n_batch, np.int32)       # the batch's tokens and seq ids for the runtime
+        self._sid = np.zeros(self.n_batch, np.int32)
+        self._more: dict[int, list[int]] = {s: [] for s in range(1, n_seq)}   # sequences 1..: tokens held
+        self._stacks: dict[int, OverrideStacks | None] = {}
         self.add_bos = bool(ll.llama_vocab_get_add_bos(self.vocab))
         self._eog: dict[int, bool] = {}
         self.tokens: list[int] = []          # what the KV cache and Engram state hold
@@ -338,20 +358,30 @@ class LlamaCppBackend(Backend):
             hit = self._eog[token] = bool(self._ll.llama_vocab_is_eog(self.vocab, token))
         return hit
 
-    # ---------------------------------------------------------------- the sequence (Backend hooks)
-    def _decode(self, chunk: list[int], all_logits: bool, last: bool) -> np.ndarray | None:
+    # ---------------------------------------------------------------- the decode step
+    def _run(self, entries, all_logits: bool = False) -> list:
+        """The one llama_decode of this backend: `entries` [(seq, tokens, want_logits)], each
+        sequence at most once, continuing at its positions; returns, per entry, its last token's
+        logits (float32 [n_vocab], a copy) where wanted, else None (all_logits, one entry: every
+        row, [n, n_vocab]). Token lists are not extended here. On failure the Engram runtime
+        abandons the batch and the caller resets."""
         ll, b, ctx = self._ll, self._batch.handle, self._ctx.handle
-        n, pos0 = len(chunk), len(self.tokens)
-        for i, t in enumerate(chunk):
-            b.token[i] = t
-            b.pos[i] = pos0 + i
-            b.n_seq_id[i] = 1
-            b.seq_id[i][0] = 0
-            b.logits[i] = 1 if all_logits or (last and i == n - 1) else 0
-        b.n_tokens = n
+        i, last_rows = 0, []
+        for seq, chunk, want in entries:
+            pos0 = len(self.seq_tokens(seq))
+            for j, t in enumerate(chunk):
+                b.token[i] = t
+                b.pos[i] = pos0 + j
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = seq
+                b.logits[i] = 1 if all_logits or (want and j == len(chunk) - 1) else 0
+                self._tok[i], self._sid[i] = t, seq
+                i += 1
+            last_rows.append(i - 1 if want else None)
+        b.n_tokens = n = i
         rt = self.runtime
         if rt is not None:
-            rt.begin(chunk)
+            rt.begin(self._tok[:n], self._sid[:n] if self.n_seq > 1 else None)
         rc = ll.llama_decode(ctx, b)
         if rt is not None:
             if rt.status:
@@ -366,14 +396,97 @@ class LlamaCppBackend(Backend):
             rt.commit()
         if all_logits:
             ptr = ll.llama_get_logits(ctx)
-            return np.ctypeslib.as_array(ptr, shape=(n * self.n_vocab,)).reshape(n, self.n_vocab).copy()
-        if not last:
-            return None
-        ptr = ll.llama_get_logits_ith(ctx, n - 1)
-        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()[None, :]
+            return [np.ctypeslib.as_array(ptr, shape=(n * self.n_vocab,)).reshape(n, self.n_vocab).copy()]
+        return [None if r is None else
+                np.ctypeslib.as_array(ll.llama_get_logits_ith(ctx, r), shape=(self.n_vocab,)).copy()
+                for r in last_rows]
+
+    def decode_step(self, entries) -> list:
+        """Decode several sequences in one llama_decode: entries [(seq, tokens, want_logits)] (each
+        sequence once, at most n_batch tokens in all); each sequence's tokens are appended to it.
+        Returns per entry its last token's logits or None (runtime.backend.Backend). A failure
+        forgets every sequence before it is raised."""
+        entries = [(int(seq), check_new_tokens(toks, len(self.seq_tokens(seq)), self.n_ctx, self.n_vocab),
+                    bool(want)) for seq, toks, want in entries]
+        seqs = [e[0] for e in entries]
+        if len(set(seqs)) != len(seqs):
+            raise ValueError(f"a sequence appears twice in one decode step: {seqs}")
+        if not entries or sum(len(e[1]) for e in entries) > self.n_batch:
+            raise ValueError(f"a decode step takes 1..{self.n_batch} tokens (n_batch)")
+        try:
+            out = self._run(entries)
+        except BaseException:
+            self.reset_all()
+            raise
+        for seq, toks, _ in entries:
+            self.seq_tokens(seq).extend(toks)
+        return out
+
+    def seq_tokens(self, seq: int) -> list[int]:
+        if seq == 0:
+            return self.tokens
+        if seq not in self._more:
+            raise ValueError(f"sequence {seq} outside [0, {self.n_seq})")
+        return self._more[seq]
+
+    def seq_truncate(self, seq: int, n: int) -> None:
+        """Keep the first n positions of sequence seq (its KV cells and Engram state)."""
+        if seq == 0:
+            self.truncate(n)
+            return
+        toks = self.seq_tokens(seq)
+        n = max(0, min(int(n), len(toks)))
+        if n == len(toks):
+            return
+        if not self._ll.llama_memory_seq_rm(self._mem, seq, n, -1):
+            n = 0
+            self._ll.llama_memory_seq_rm(self._mem, seq, 0, -1)
+        if self.runtime is not None:
+            self.runtime.truncate(n, seq)
+        del toks[n:]
+
+    def set_seq_stack(self, seq: int, stack: OverrideStacks | None) -> None:
+        """Sequence seq reads `stack` (from `make_stack`; None: the backend's own --overrides)
+        from now on; a different stack than before forgets the sequence (its state was computed
+        with other rows)."""
+        if stack is self._stacks.get(seq):
+            return
+        if self.runtime is None:
+            if stack is not None:
+                raise RuntimeError("this backend runs without an Engram: no user memory")
+            return
+        self.seq_truncate(seq, 0)
+        self.runtime.set_stacks(seq, stack)
+        self._stacks[seq] = stack
+
+    def make_stack(self, sidecar, overrides) -> OverrideStacks:
+        """A user's override stack ({layer: [native.OverrideSet]}) for set_seq_stack; shared by
+        any number of sequences, the rows are not copied."""
+        from engram_local.formats.eov import check_engram_layers
+
+        if self.runtime is None:
+            raise RuntimeError("this backend runs without an Engram: no user memory")
+        overrides = dict(overrides or {})
+        check_engram_layers(overrides, sidecar.layer_ids)
+        return self.runtime.stacks([overrides.get(layer, ()) for layer in sidecar.layer_ids])
+
+    def reset_all(self) -> None:
+        """Forget every sequence (the whole KV cache and Engram state)."""
+        if self._ctx:
+            self._ll.llama_memory_clear(self._mem, True)
+        if self.runtime is not None:
+            self.runtime.reset()
+        self.tokens = []
+        for toks in self._more.values():
+            toks.clear()
+
+    # ---------------------------------------------------------------- the sequence (Backend hooks)
+    def _decode(self, chunk: list[int], all_logits: bool, last: bool) -> np.ndarray | None:
+        rows = self._run([(0, chunk, last)], all_logits)     # the decode step, sequence 0 alone
+        return rows[0] if all_logits or rows[0] is None else rows[0][None, :]
 
     def _rollback(self, n: int) -> bool:
-        """Drop KV cells n.. and the Engram runtime's state after n; False where llama.cpp refuses."""
+        """Drop sequence 0's KV cells n.. and its Engram state after n; False where llama.cpp refuses."""
         if not self._ll.llama_memory_seq_rm(self._mem, 0, n, -1):
             return False
         if self.runtime is not None:
@@ -381,11 +494,15 @@ class LlamaCppBackend(Backend):
         return True
 
     def _clear(self) -> None:
-        """KV cache cleared, Engram history zero."""
+        """Sequence 0 forgotten: its KV cells, its Engram history (a single-sequence backend: the
+        whole cache and runtime, as before; a failed runtime is reset whole)."""
+        if self.n_seq == 1 or (self.runtime is not None and self.runtime.status):
+            self.reset_all()
+            return
         if self._ctx:
-            self._ll.llama_memory_clear(self._mem, True)
-        if self.runtime is not None:
-            self.runtime.reset()
+            self._ll.llama_memory_seq_rm(self._mem, 0, 0, -1)
+        if self.runtime is not None and self.runtime.n_past:
+            self.runtime.truncate(0, 0)
 
     def set_overrides(self, sidecar, overrides) -> None:
         """Swap the user memory (override stacks); the sequence is reset."""
@@ -399,7 +516,7 @@ class LlamaCppBackend(Backend):
         for layer, kernel in layers.items():
             kernel.set_overrides(overrides.get(layer, ()))
         self.runtime.refresh_layers()
-        self.reset()
+        self.reset_all()
 
     def close(self) -> None:
         """Free the batch, context, adapter and model (each by its owner, once); safe to call twice.

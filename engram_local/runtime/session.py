@@ -9,21 +9,22 @@ refused), and runs one of two backends behind one small interface (`tokenize`, `
     inside llama.cpp's graph; the default where llama-cpp-python is installed;
   * torch (torch_backend.TorchBackend): the same model in PyTorch, CPU or CUDA.
 
-Generation reuses the backend's KV cache: a new prompt that extends what the cache holds (the
-next chat turn) decodes only the new tokens; where it diverges, the cache and the Engram state
-are rolled back to the common prefix.
+Generation runs through the engine (runtime.engine.Engine, the server's decode path too), with
+`n_seq` sequences (1 for `run`): it reuses the backend's KV cache, so a new prompt that extends
+what a sequence holds (the next chat turn) decodes only the new tokens; where it diverges, the
+cache and the Engram state are rolled back to the common prefix.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 
+from engram_local.runtime.engine import Engine, Request, Timings  # noqa: F401 (Timings re-exported)
 from engram_local.runtime.sampling import Sampler
 from engram_local.text.chat import CHATML_TEMPLATE, ChatTemplateError, render_chat  # noqa: F401 (re-exported)
 from engram_local.text.chat import ChatVocab, encode_rendered
@@ -66,34 +67,6 @@ def open_override_stack(paths: Sequence[str | os.PathLike], sidecar, allow_missi
 
 
 # --------------------------------------------------------------------------- timings
-
-@dataclass
-class Timings:
-    prompt_tokens: int = 0
-    prompt_s: float = 0.0
-    generated_tokens: int = 0
-    decode_tokens: int = 0          # tokens produced after the first (each one eval + sample)
-    decode_s: float = 0.0
-    first_token_ms: float | None = None
-
-    def add(self, other: "Timings") -> None:
-        self.prompt_tokens += other.prompt_tokens
-        self.prompt_s += other.prompt_s
-        self.generated_tokens += other.generated_tokens
-        self.decode_tokens += other.decode_tokens
-        self.decode_s += other.decode_s
-        if self.first_token_ms is None:
-            self.first_token_ms = other.first_token_ms
-
-    def as_dict(self) -> dict:
-        def rate(n, s):
-            return round(n / s, 2) if s > 0 and n > 0 else 0.0
-        return {"prompt_tokens": self.prompt_tokens,
-                "prompt_tokens_per_s": rate(self.prompt_tokens, self.prompt_s),
-                "generated_tokens": self.generated_tokens,
-                "generated_tokens_per_s": rate(self.decode_tokens, self.decode_s),
-                "first_token_ms": round(self.first_token_ms, 2) if self.first_token_ms is not None else None}
-
 
 @dataclass
 class Generation:
@@ -154,9 +127,12 @@ class Session:
                  backend: str = "auto", n_ctx: int = DEFAULT_CTX, n_threads: int | None = None,
                  n_gpu_layers: int = 0, device: str | None = None, skill: bool = True,
                  allow_missing_last_override: bool = False, log: Callable[[str], None] = _stderr,
-                 kv_f32: bool = False, adapter: str | os.PathLike | None = None):
+                 kv_f32: bool = False, adapter: str | os.PathLike | None = None, n_seq: int = 1,
+                 max_queue: int = 64):
         """adapter: a LoRA adapter GGUF to use instead of the MODEL_DIR's own (`skill` is then
-        ignored), e.g. a per-user adapter in the head-to-head evaluation."""
+        ignored), e.g. a per-user adapter in the head-to-head evaluation. n_seq: sequences the
+        engine decodes together (llama.cpp backend; -c is then per sequence); max_queue: requests
+        the engine queues beyond them."""
         from engram_local.runtime import loader
 
         if backend not in BACKENDS:
@@ -214,6 +190,8 @@ class Session:
                                f"(pip install llama-cpp-python=={llama_backend.PINNED_LLAMA_CPP_PYTHON})")
             if device not in (None, "cpu"):
                 log(f"engram-local: --device {device} applies to the torch backend; llama.cpp uses -ngl")
+            if n_seq < 1:
+                raise RunError(f"n_seq {n_seq}: at least one sequence")
             # The setting's GGUF (skill on: the adapter folded in), the file torch loads too; an
             # explicit adapter runs as a LoRA over the plain backbone.
             backbone = self.model_dir.backbone_gguf(skill and adapter is None)
@@ -222,12 +200,15 @@ class Session:
             try:
                 self.backend = llama_backend.LlamaCppBackend(
                     backbone, sidecar=self.sidecar, overrides=stack, adapter=adapter,
-                    n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, kv_f32=kv_f32, log=log)
+                    n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, kv_f32=kv_f32, log=log,
+                    n_seq=n_seq, flash_attn=None if n_seq > 1 else False)   # several: llama.cpp's default
             except (FileNotFoundError, PermissionError, llama_backend.LlamaCppError) as exc:
                 raise RunError(str(exc)) from None
         else:
             from engram_local.runtime.torch_backend import TorchBackend
 
+            if n_seq != 1:
+                raise RunError("several sequences at once (n_seq > 1) need the llama.cpp backend")
             _quiet_transformers()
             try:
                 loaded = None
@@ -241,6 +222,7 @@ class Session:
             except (FileNotFoundError, PermissionError, RuntimeError) as exc:
                 raise RunError(str(exc)) from None
         self.backend_name = choice
+        self.engine = Engine(self.backend, max_queue=max_queue, encode=self.encode, sidecar=self.sidecar, log=log)
 
     # ---------------------------------------------------------------- prompts
     @property
@@ -274,6 +256,13 @@ class Session:
             return self.tokenize_rendered(self.render([{"role": "user", "content": text}]))
         return self.backend.tokenize(text)
 
+    def encode(self, prompt: str | None, messages: list[dict] | None = None) -> list[int]:
+        """Token ids of a text prompt (as is) or of chat messages (the chat template, ready for
+        the assistant's turn): the engine's `encode`."""
+        if messages is not None:
+            return self.tokenize_rendered(self.render(messages))
+        return self.backend.tokenize(prompt)
+
     def tokenize_rendered(self, rendered: str) -> list[int]:
         """Tokens of a rendered chat prompt: BOS only if the template did not write it (the one
         rule, text.chat.encode_rendered; the backend says whether the model adds BOS)."""
@@ -294,45 +283,14 @@ class Session:
             raise PromptTooLong(f"the prompt is {len(prompt)} tokens but the context holds {be.n_ctx} "
                                 "(and at least one more is needed to generate): shorten the prompt "
                                 "or raise -c")
-        t0 = time.perf_counter()
-        common = 0
-        limit = min(len(be.tokens), len(prompt) - 1)   # the last prompt token is always decoded
-        while common < limit and be.tokens[common] == prompt[common]:
-            common += 1
-        be.truncate(common)
-        common = be.n_past                              # a backend may roll back further
-        logits = be.eval(prompt[common:])
-        t1 = time.perf_counter()
-        timings = Timings(prompt_tokens=len(prompt) - common, prompt_s=t1 - t0)
-        stream = _TextStream(be, on_text)
-        stop, t_first, t_last = "length", None, None
-        n_gen = 0
-        while n_gen < n_predict:
-            tok = sampler.sample(logits)
-            now = time.perf_counter()
-            if t_first is None:
-                t_first = now
-                timings.first_token_ms = (now - t0) * 1000.0
-            t_last = now
-            if be.is_eog(tok) and not ignore_eos:
-                stop = "eog"
-                break
-            n_gen += 1
-            stream.push(tok)
-            if n_gen >= n_predict:
-                break
-            if be.n_past >= be.n_ctx:
-                stop = "context"
-                self.log(f"\nengram-local: the context ({be.n_ctx} tokens, -c) is full: stopped after "
-                         f"{n_gen} generated tokens")
-                break
-            logits = be.eval([tok])
-        text = stream.finish()
-        timings.generated_tokens = n_gen
-        if t_first is not None and t_last is not None:
-            timings.decode_tokens = max(0, n_gen - 1) if stop != "eog" else n_gen
-            timings.decode_s = t_last - t_first
-        return Generation(text, stream.tokens, stop, timings)
+        stream = self.engine.submit(Request(prompt, max_tokens=n_predict, sampler=sampler, ignore_eos=ignore_eos))
+        text = _TextStream(be, on_text)
+        for tok in stream:
+            text.push(tok)
+        if stream.finish_reason == "context":
+            self.log(f"\nengram-local: the context ({be.n_ctx} tokens, -c) is full: stopped after "
+                     f"{len(stream.tokens)} generated tokens")
+        return Generation(text.finish(), stream.tokens, stream.finish_reason, stream.timings)
 
     def reset(self) -> None:
         self.backend.reset()
@@ -345,6 +303,7 @@ class Session:
         self.backend.set_overrides(self.sidecar, self.overrides)
 
     def close(self) -> None:
+        self.engine.close()
         close = getattr(self.backend, "close", None)
         if close:
             close()

@@ -6,8 +6,14 @@ adapter's training samples and the evaluation alike.
 from __future__ import annotations
 
 import re
+import weakref
 
 from engram_local.text.chat import ChatVocab, render_conversation
+
+# A fact's prompt, answer or paraphrase, or a statement: longer text is refused (the CLI and the
+# server's memory routes; docs/security.md). Fitting cost grows with the tokens: a 10,000-character
+# statement ran for over 10 minutes and took gigabytes.
+MAX_FACT_CHARS = 400
 
 
 class FactInputError(ValueError):
@@ -186,10 +192,22 @@ def prompt_key(prompt: str) -> str:
     return " ".join(_drop_inner_adverbs(s).split())
 
 
-def _answer_text(answer) -> str:
-    if isinstance(answer, list):
+def _answer_text(answer, where: str | None = None, numbers: bool = False) -> str:
+    """A fact's answer as text: a string as it is, a list of strings joined with ", ".
+
+    Anything else (null, true, an object, a nested list) raises FactInputError naming `where`
+    (e.g. "facts.jsonl:3"), never becomes "None". `numbers`: a number (or a list holding numbers)
+    is allowed too, as its decimal text - the paper's user files have answers such as 12.
+    """
+    def ok(v) -> bool:
+        return isinstance(v, str) or (numbers and isinstance(v, (int, float)) and not isinstance(v, bool))
+
+    if ok(answer):
+        return str(answer)
+    if isinstance(answer, list) and all(ok(v) for v in answer):
         return ", ".join(map(str, answer))
-    return str(answer)
+    wanted = "a string, a number or a list of them" if numbers else "a string or a list of strings"
+    raise FactInputError(f"{where + ': ' if where else ''}\"answer\" must be {wanted}")
 
 
 def prompt_from_sentence(sentence: str, answer: str) -> str | None:
@@ -251,13 +269,29 @@ def chat_contexts(facts, tok) -> dict[str, list[tuple[tuple[int, ...], str]]]:
     adapter makes the model say the prompt.
     """
     recite, out = recitations(facts), {}
-    vocab = ChatVocab.of(tok)
+    vocab, cache = None, _rendered(tok)
     for f in facts:
         lead = recite[f.id][: -len(fact_sentence(f.prompt, f.answer))].rstrip()
         out[f.id] = []
         for q in CHAT_QUESTIONS:
-            turn = [{"role": "user", "content": q.format(prompt=f.prompt)},
-                    {"role": "assistant", "content": lead}]
-            ids, _ = render_conversation(vocab, turn, reply_open=True)
-            out[f.id].append((tuple(ids), (" " if lead else "") + f.prompt))
+            key = (q.format(prompt=f.prompt), lead)
+            if key not in cache:
+                vocab = vocab or ChatVocab.of(tok)
+                turn = [{"role": "user", "content": key[0]}, {"role": "assistant", "content": lead}]
+                cache[key] = tuple(render_conversation(vocab, turn, reply_open=True)[0])
+            out[f.id].append((cache[key], (" " if lead else "") + f.prompt))
     return out
+
+
+_RENDERED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _rendered(tok) -> dict:
+    """(question, reply lead) -> ids of the chat turn, per tokenizer: adding a fact to a file of
+    100 renders the turns of all 101 again (the leads depend on the other facts), most of them
+    unchanged (0.4-0.6 s of a live `remember` on two cores). A tokenizer that cannot be weakly
+    referenced gets a fresh dict (no cache)."""
+    try:
+        return _RENDERED.setdefault(tok, {})
+    except TypeError:
+        return {}

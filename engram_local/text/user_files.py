@@ -64,9 +64,10 @@ def read_user_file(path: str | os.PathLike) -> UserFile:
     facts = []
     for i, f in enumerate(raw):
         try:
-            key, answer, paras = str(f["key"]), _answer_text(f["answer"]), list(f.get("paraphrases", []))
+            key, answer, paras = str(f["key"]), f["answer"], list(f.get("paraphrases", []))
         except (KeyError, TypeError) as exc:
             raise FactInputError(f"{path}: fact {i} lacks {exc}") from None
+        answer = _answer_text(answer, f"{path}: fact {i}", numbers=True)
         prompts = [p for p in (prompt_from_sentence(str(s), answer) for s in paras) if p]
         main = prompts[0] if prompts else f"My {key.replace('_', ' ')} is"
         extra = [p for p in dict.fromkeys(prompts[1:]) if p != main]

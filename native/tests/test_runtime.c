@@ -15,6 +15,12 @@
  *      ggml here (graph node names as llama.cpp gives them: "embd", "l_out-N", ...). Its
  *      argument checking (NULL tensor / user data, foreign nodes, bad names, wrong tensor size,
  *      non-contiguous tensor, outside a batch, twice per batch) is tested in full.
+ *   5. Several sequences: ek_engram_forward_batch equals ek_engram_forward of each segment alone
+ *      (each with its own override stack) bit for bit, and checks every segment; a runtime of 3
+ *      sequences (3 users: the layers' own override sets, none, a two-set stack) decodes them
+ *      in random interleaved batches with roll-backs, and every user's outputs equal its outputs
+ *      decoded alone bit for bit; begin's run/range/context checks, truncate and
+ *      ek_runtime_set_stacks (refusals change nothing), init's stack checks.
  *
  * Buffers whose size is part of the contract are malloc'd at exactly that size, so
  * AddressSanitizer reports any read or write past them. Exits nonzero if any check fails.
@@ -93,6 +99,7 @@ enum {
     MAX_TOK = 8,                       /* runtime batch limit */
     MAP_LEN = 40,                      /* raw vocabulary */
     N_LAYERS = 2,
+    N_SEQS = 3,                        /* runtime sequences */
     N_OV = 5                           /* override entries of layer A */
 };
 
@@ -689,8 +696,13 @@ typedef struct {
     ek_engram_layer layers[N_LAYERS];
     int32_t inject[N_LAYERS];
     int64_t map[MAP_LEN];
-    int64_t *ids;          /* [N_CTX] */
-    float *xs;             /* [N_LAYERS, N_CTX, HID] */
+    int64_t *ids;          /* [N_CTX] sequence 0's ids */
+    float *xs;             /* [N_LAYERS, N_CTX, HID] sequence 0's x */
+    ek_seq seqs[N_SEQS];
+    int32_t batch_seqs[N_SEQS];
+    ek_segment segs[N_SEQS];
+    int64_t *ids_more;     /* [N_SEQS - 1, N_CTX] the other sequences' ids */
+    float *xs_more;        /* [N_SEQS - 1, N_LAYERS, N_CTX, HID] */
     int32_t fired[N_LAYERS];
     int64_t *si;
     float *sf;
@@ -707,6 +719,16 @@ static void fixture_init(fixture *f) {
     f->xs = xmalloc((size_t)N_LAYERS * N_CTX * HID * sizeof(float));
     for (int i = 0; i < N_CTX; i++) f->ids[i] = -1;
     for (int i = 0; i < N_LAYERS * N_CTX * HID; i++) f->xs[i] = NAN; /* never read unwritten */
+    f->ids_more = xmalloc((size_t)(N_SEQS - 1) * N_CTX * sizeof(int64_t));
+    f->xs_more = xmalloc((size_t)(N_SEQS - 1) * N_LAYERS * N_CTX * HID * sizeof(float));
+    for (int i = 0; i < (N_SEQS - 1) * N_CTX; i++) f->ids_more[i] = -1;
+    for (int i = 0; i < (N_SEQS - 1) * N_LAYERS * N_CTX * HID; i++) f->xs_more[i] = NAN;
+    f->seqs[0].ids = f->ids;
+    f->seqs[0].xs = f->xs;
+    for (int s = 1; s < N_SEQS; s++) {
+        f->seqs[s].ids = f->ids_more + (int64_t)(s - 1) * N_CTX;
+        f->seqs[s].xs = f->xs_more + (int64_t)(s - 1) * N_LAYERS * N_CTX * HID;
+    }
     ek_runtime *rt = &f->rt;
     rt->ggml = fake_api;
     rt->layers = f->layers;
@@ -715,8 +737,10 @@ static void fixture_init(fixture *f) {
     rt->canonical_map = f->map;
     rt->map_len = MAP_LEN;
     rt->n_ctx = N_CTX;
-    rt->ids = f->ids;
-    rt->xs = f->xs;
+    rt->seqs = f->seqs;
+    rt->n_seqs = N_SEQS;
+    rt->batch_seqs = f->batch_seqs;
+    rt->segs = f->segs;
     rt->fired = f->fired;
     rt->max_tokens = MAX_TOK;
     rt->enabled = 1;
@@ -734,6 +758,8 @@ static void fixture_init(fixture *f) {
 static void fixture_free(fixture *f) {
     free(f->ids);
     free(f->xs);
+    free(f->ids_more);
+    free(f->xs_more);
     free(f->si);
     free(f->sf);
 }
@@ -743,7 +769,7 @@ typedef float seq_out[N_LAYERS][N_CTX][HID];
 /* What llama_decode does with the callback for the pending batch: ask for every node, run the
  * callback on those asked for. out (may be NULL) receives the Engram nodes' tensors (h + y). */
 static void run_graph(ek_runtime *rt, seq_out *out) {
-    const int64_t n = rt->n_pending, p0 = rt->n_past;
+    const int64_t n = rt->n_pending, p0 = rt->seqs[0].n_past;
     const int expect_ask = rt->enabled && rt->status == EK_OK;
     for (int node = 0; node < N_NODES; node++) {
         float *data = xmalloc((size_t)(n * HID) * sizeof(float));
@@ -764,7 +790,7 @@ static void run_graph(ek_runtime *rt, seq_out *out) {
 }
 
 static int32_t decode(ek_runtime *rt, const int32_t *tokens, int64_t n, seq_out *out) {
-    const int32_t st = ek_runtime_begin(rt, tokens, n);
+    const int32_t st = ek_runtime_begin(rt, tokens, NULL, n);
     if (st != EK_OK) return st;
     run_graph(rt, out);
     return ek_runtime_commit(rt);
@@ -773,14 +799,14 @@ static int32_t decode(ek_runtime *rt, const int32_t *tokens, int64_t n, seq_out 
 /* Decode raw[from, to) in the given chunk sizes (cycled); every step must succeed. */
 static void decode_chunks(ek_runtime *rt, const int32_t *raw, int64_t from, int64_t to,
                           const int64_t *chunks, int n_chunks, seq_out *out) {
-    CHECK_EQ_I64(rt->n_past, from);
+    CHECK_EQ_I64(rt->seqs[0].n_past, from);
     for (int64_t p = from, c = 0; p < to; c++) {
         int64_t n = chunks[c % n_chunks];
         if (n > to - p) n = to - p;
         CHECK_ST(decode(rt, raw + p, n, out), EK_OK);
         p += n;
     }
-    CHECK_EQ_I64(rt->n_past, to);
+    CHECK_EQ_I64(rt->seqs[0].n_past, to);
 }
 
 static int same_outputs(seq_out *a, seq_out *b, int64_t from, int64_t to) {
@@ -800,7 +826,7 @@ static void test_runtime_sequence(void) {
     fixture_init(&f);
     ek_runtime *rt = &f.rt;
     CHECK_ST(ek_runtime_init(rt), EK_OK);
-    CHECK_EQ_I64(rt->n_past, 0);
+    CHECK_EQ_I64(rt->seqs[0].n_past, 0);
     CHECK_EQ_I64(rt->n_calls, 0);
     CHECK(rt->error[0] == '\0');
 
@@ -841,7 +867,7 @@ static void test_runtime_sequence(void) {
     /* B: token by token, and C: mixed chunks: bit-identical to A */
     const int64_t one[] = {1}, mixed[] = {3, 5, 1, 8, 2};
     ek_runtime_reset(rt);
-    CHECK_EQ_I64(rt->n_past, 0);
+    CHECK_EQ_I64(rt->seqs[0].n_past, 0);
     calls0 = rt->n_calls;
     decode_chunks(rt, raw_tokens, 0, SEQ, one, 1, &out_b);
     CHECK_EQ_I64(rt->n_calls - calls0, N_LAYERS * SEQ);
@@ -852,18 +878,18 @@ static void test_runtime_sequence(void) {
     CHECK(same_outputs(&out_a, &out_b, 0, SEQ));
 
     /* context full: 20 + 5 > 24 fails the state; reset clears it */
-    CHECK_ST(ek_runtime_begin(rt, raw_tokens, 5), EK_ERR_CAPACITY);
+    CHECK_ST(ek_runtime_begin(rt, raw_tokens, NULL, 5), EK_ERR_CAPACITY);
     CHECK_ST(rt->status, EK_ERR_CAPACITY);
     CHECK(strstr(rt->error, "context full") != NULL);
-    CHECK_EQ_I64(rt->n_past, SEQ);
-    CHECK_ST(ek_runtime_begin(rt, raw_tokens, 1), EK_ERR_CAPACITY); /* stays failed */
-    CHECK_ST(ek_runtime_truncate(rt, 3), EK_ERR_CAPACITY);
+    CHECK_EQ_I64(rt->seqs[0].n_past, SEQ);
+    CHECK_ST(ek_runtime_begin(rt, raw_tokens, NULL, 1), EK_ERR_CAPACITY); /* stays failed */
+    CHECK_ST(ek_runtime_truncate(rt, 0, 3), EK_ERR_CAPACITY);
     CHECK_ST(ek_runtime_commit(rt), EK_ERR_CAPACITY);
     ek_runtime_reset(rt);
     CHECK_ST(rt->status, EK_OK);
     CHECK(rt->error[0] == '\0');
-    CHECK_EQ_I64(rt->n_past, 0);
-    CHECK_ST(ek_runtime_begin(rt, raw_tokens, 4), EK_OK);           /* 4 fits an empty context */
+    CHECK_EQ_I64(rt->seqs[0].n_past, 0);
+    CHECK_ST(ek_runtime_begin(rt, raw_tokens, NULL, 4), EK_OK);           /* 4 fits an empty context */
     ek_runtime_abort(rt);
 
     /* abort: a decoded-but-abandoned batch leaves the committed state as before begin */
@@ -876,10 +902,10 @@ static void test_runtime_sequence(void) {
     memcpy(ids_snap, f.ids, sizeof ids_snap);
     memcpy(xs_snap, f.xs, sizeof xs_snap);
     const int32_t garbage[5] = {39, 0, 17, 17, 2};
-    CHECK_ST(ek_runtime_begin(rt, garbage, 5), EK_OK);
+    CHECK_ST(ek_runtime_begin(rt, garbage, NULL, 5), EK_OK);
     run_graph(rt, NULL);                  /* writes ids and xs rows 10..14 */
     ek_runtime_abort(rt);
-    CHECK_EQ_I64(rt->n_past, 10);
+    CHECK_EQ_I64(rt->seqs[0].n_past, 10);
     CHECK_EQ_I64(rt->n_pending, 0);
     CHECK_ST(rt->status, EK_OK);
     CHECK(memcmp(f.ids, ids_snap, 10 * sizeof(int64_t)) == 0);
@@ -888,47 +914,47 @@ static void test_runtime_sequence(void) {
         xs_kept &= memcmp(f.xs + (int64_t)l * N_CTX * HID, xs_snap + (int64_t)l * N_CTX * HID,
                           10 * HID * sizeof(float)) == 0;
     CHECK(xs_kept);
-    CHECK_ST(ek_runtime_begin(rt, garbage, 3), EK_OK);  /* abort before any callback */
+    CHECK_ST(ek_runtime_begin(rt, garbage, NULL, 3), EK_OK);  /* abort before any callback */
     ek_runtime_abort(rt);
     ek_runtime_abort(rt);                               /* nothing pending: no-op */
-    CHECK_EQ_I64(rt->n_past, 10);
+    CHECK_EQ_I64(rt->seqs[0].n_past, 10);
     decode_chunks(rt, raw_tokens, 10, SEQ, split, 2, &out_b);
     CHECK(same_outputs(&out_a, &out_b, 0, SEQ));
     /* commit with nothing pending (e.g. after an abort) is an error that fails the state */
     CHECK_ST(ek_runtime_commit(rt), EK_ERR_ARG);
     CHECK_ST(rt->status, EK_ERR_ARG);
     CHECK(strstr(rt->error, "without a batch") != NULL);
-    CHECK_EQ_I64(rt->n_past, SEQ);
+    CHECK_EQ_I64(rt->seqs[0].n_past, SEQ);
     ek_runtime_reset(rt);
 
     /* truncate: roll back, re-decode, same outputs; also after a detour through other tokens */
     decode_chunks(rt, raw_tokens, 0, SEQ, full, 1, NULL);
-    CHECK_ST(ek_runtime_truncate(rt, SEQ), EK_OK);      /* to n_past: no-op */
-    CHECK_ST(ek_runtime_truncate(rt, SEQ + 1), EK_ERR_RANGE);
-    CHECK_ST(ek_runtime_truncate(rt, -1), EK_ERR_RANGE);
+    CHECK_ST(ek_runtime_truncate(rt, 0, SEQ), EK_OK);      /* to n_past: no-op */
+    CHECK_ST(ek_runtime_truncate(rt, 0, SEQ + 1), EK_ERR_RANGE);
+    CHECK_ST(ek_runtime_truncate(rt, 0, -1), EK_ERR_RANGE);
     CHECK_ST(rt->status, EK_OK);                        /* a refused truncate fails nothing */
-    CHECK_ST(ek_runtime_truncate(rt, 7), EK_OK);
-    CHECK_EQ_I64(rt->n_past, 7);
-    CHECK_ST(ek_runtime_truncate(rt, 8), EK_ERR_RANGE); /* beyond the new n_past */
+    CHECK_ST(ek_runtime_truncate(rt, 0, 7), EK_OK);
+    CHECK_EQ_I64(rt->seqs[0].n_past, 7);
+    CHECK_ST(ek_runtime_truncate(rt, 0, 8), EK_ERR_RANGE); /* beyond the new n_past */
     memset(out_b, 0, sizeof out_b);
     const int64_t five[] = {5};
     decode_chunks(rt, raw_tokens, 7, SEQ, five, 1, &out_b);
     CHECK(same_outputs(&out_a, &out_b, 7, SEQ));
-    CHECK_ST(ek_runtime_truncate(rt, 12), EK_OK);
+    CHECK_ST(ek_runtime_truncate(rt, 0, 12), EK_OK);
     const int32_t detour[6] = {1, 2, 3, 4, 5, 6};
     CHECK_ST(decode(rt, detour, 6, NULL), EK_OK);
     CHECK_ST(decode(rt, detour, 2, NULL), EK_OK);
-    CHECK_ST(ek_runtime_truncate(rt, 12), EK_OK);
+    CHECK_ST(ek_runtime_truncate(rt, 0, 12), EK_OK);
     memset(out_b, 0, sizeof out_b);
     decode_chunks(rt, raw_tokens, 12, SEQ, one, 1, &out_b);
     CHECK(same_outputs(&out_a, &out_b, 12, SEQ));
     /* truncate with a batch pending drops the batch */
-    CHECK_ST(ek_runtime_truncate(rt, 15), EK_OK);
-    CHECK_ST(ek_runtime_begin(rt, raw_tokens + 15, 2), EK_OK);
-    CHECK_ST(ek_runtime_truncate(rt, 15), EK_OK);
+    CHECK_ST(ek_runtime_truncate(rt, 0, 15), EK_OK);
+    CHECK_ST(ek_runtime_begin(rt, raw_tokens + 15, NULL, 2), EK_OK);
+    CHECK_ST(ek_runtime_truncate(rt, 0, 15), EK_OK);
     CHECK_EQ_I64(rt->n_pending, 0);
     /* truncate(0) is a fresh sequence */
-    CHECK_ST(ek_runtime_truncate(rt, 0), EK_OK);
+    CHECK_ST(ek_runtime_truncate(rt, 0, 0), EK_OK);
     memset(out_b, 0, sizeof out_b);
     decode_chunks(rt, raw_tokens, 0, SEQ, mixed, 5, &out_b);
     CHECK(same_outputs(&out_a, &out_b, 0, SEQ));
@@ -939,7 +965,7 @@ static void test_runtime_sequence(void) {
     calls0 = rt->n_calls;
     CHECK_ST(decode(rt, raw_tokens, 3, NULL), EK_OK);
     CHECK_EQ_I64(rt->n_calls, calls0);
-    CHECK_EQ_I64(rt->n_past, 3);
+    CHECK_EQ_I64(rt->seqs[0].n_past, 3);
     rt->enabled = 1;
 
     CHECK(fake_oob == 0);
@@ -1004,8 +1030,13 @@ static void test_runtime_init_errors(void) {
     INIT_EXPECT(fx->layers[1].hidden = HID / 2, EK_ERR_ARG);       /* different widths */
     INIT_EXPECT(r->inject = NULL, EK_ERR_NULL);
     INIT_EXPECT(r->canonical_map = NULL, EK_ERR_NULL);
-    INIT_EXPECT(r->ids = NULL, EK_ERR_NULL);
-    INIT_EXPECT(r->xs = NULL, EK_ERR_NULL);
+    INIT_EXPECT(fx->seqs[0].ids = NULL, EK_ERR_NULL);
+    INIT_EXPECT(fx->seqs[N_SEQS - 1].xs = NULL, EK_ERR_NULL);
+    INIT_EXPECT(r->seqs = NULL, EK_ERR_NULL);
+    INIT_EXPECT(r->batch_seqs = NULL, EK_ERR_NULL);
+    INIT_EXPECT(r->segs = NULL, EK_ERR_NULL);
+    INIT_EXPECT(r->n_seqs = 0, EK_ERR_ARG);
+    INIT_EXPECT(fx->seqs[0].xs = NULL, EK_ERR_NULL);
     INIT_EXPECT(r->fired = NULL, EK_ERR_NULL);
     INIT_EXPECT(r->ggml.get_name = NULL, EK_ERR_NULL);
     INIT_EXPECT(r->ggml.nelements = NULL, EK_ERR_NULL);
@@ -1048,9 +1079,9 @@ static void test_runtime_call_errors(void) {
     CHECK_ST(ek_runtime_init(rt), EK_OK);
 
     /* NULL runtime: status, or nothing for the void functions */
-    CHECK_ST(ek_runtime_begin(NULL, raw_tokens, 1), EK_ERR_NULL);
+    CHECK_ST(ek_runtime_begin(NULL, raw_tokens, NULL, 1), EK_ERR_NULL);
     CHECK_ST(ek_runtime_commit(NULL), EK_ERR_NULL);
-    CHECK_ST(ek_runtime_truncate(NULL, 0), EK_ERR_NULL);
+    CHECK_ST(ek_runtime_truncate(NULL, 0, 0), EK_ERR_NULL);
     ek_runtime_abort(NULL);
     ek_runtime_reset(NULL);
 
@@ -1067,13 +1098,13 @@ static void test_runtime_call_errors(void) {
     };
     for (size_t i = 0; i < sizeof bad_begins / sizeof bad_begins[0]; i++) {
         ek_runtime_reset(rt);
-        CHECK_ST(ek_runtime_begin(rt, bad_begins[i].tokens, bad_begins[i].n), bad_begins[i].want);
+        CHECK_ST(ek_runtime_begin(rt, bad_begins[i].tokens, NULL, bad_begins[i].n), bad_begins[i].want);
         CHECK_ST(rt->status, bad_begins[i].want);
         CHECK(rt->error[0] != '\0');
         CHECK_EQ_I64(rt->n_pending, 0);
-        CHECK_ST(ek_runtime_begin(rt, raw_tokens, 1), bad_begins[i].want); /* stays failed */
+        CHECK_ST(ek_runtime_begin(rt, raw_tokens, NULL, 1), bad_begins[i].want); /* stays failed */
         CHECK_ST(ek_runtime_commit(rt), bad_begins[i].want);
-        CHECK_ST(ek_runtime_truncate(rt, 0), bad_begins[i].want);
+        CHECK_ST(ek_runtime_truncate(rt, 0, 0), bad_begins[i].want);
     }
     int ids_untouched = 1;
     for (int i = 0; i < N_CTX; i++) ids_untouched &= f.ids[i] == -1;
@@ -1083,17 +1114,17 @@ static void test_runtime_call_errors(void) {
     /* commit: without a batch; with a layer that did not fire (names its graph node) */
     CHECK_ST(ek_runtime_commit(rt), EK_ERR_ARG);
     ek_runtime_reset(rt);
-    CHECK_ST(ek_runtime_begin(rt, raw_tokens, 2), EK_OK);
+    CHECK_ST(ek_runtime_begin(rt, raw_tokens, NULL, 2), EK_OK);
     CHECK_ST(ek_runtime_commit(rt), EK_ERR_ARG);        /* no callback at all: "embd" first */
     CHECK(strstr(rt->error, "node embd") != NULL);
-    CHECK_EQ_I64(rt->n_past, 0);
+    CHECK_EQ_I64(rt->seqs[0].n_past, 0);
     ek_runtime_reset(rt);
 
     float data[2 * HID], keep[2 * HID];
     for (int i = 0; i < 2 * HID; i++) keep[i] = data[i] = (float)i * 0.25f - 1.0f;
     fake_tensor embd = {"embd", data, 2 * HID, sizeof data, true};
     fake_tensor l2 = {"l_out-2", data, 2 * HID, sizeof data, true};
-    CHECK_ST(ek_runtime_begin(rt, raw_tokens, 2), EK_OK);
+    CHECK_ST(ek_runtime_begin(rt, raw_tokens, NULL, 2), EK_OK);
     CHECK(ek_eval_callback(&embd, false, rt));
     CHECK_ST(ek_runtime_commit(rt), EK_ERR_ARG);        /* layer 1 (l_out-2) never ran */
     CHECK(strstr(rt->error, "node l_out-2") != NULL);
@@ -1151,7 +1182,7 @@ static void test_runtime_call_errors(void) {
     };
     for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {
         ek_runtime_reset(rt);
-        CHECK_ST(ek_runtime_begin(rt, raw_tokens, 2), EK_OK);
+        CHECK_ST(ek_runtime_begin(rt, raw_tokens, NULL, 2), EK_OK);
         fake_tensor t = {"embd", data, shapes[i].ne, shapes[i].nbytes, shapes[i].contiguous};
         CHECK(ek_eval_callback(&t, true, rt));
         CHECK(!ek_eval_callback(&t, false, rt));
@@ -1164,7 +1195,7 @@ static void test_runtime_call_errors(void) {
 
     /* twice in one batch (the batch was split into ubatches) */
     ek_runtime_reset(rt);
-    CHECK_ST(ek_runtime_begin(rt, raw_tokens, 2), EK_OK);
+    CHECK_ST(ek_runtime_begin(rt, raw_tokens, NULL, 2), EK_OK);
     CHECK(ek_eval_callback(&embd, false, rt));
     CHECK(ek_eval_callback(&l2, false, rt));            /* layer 1 fires once too */
     memcpy(data, keep, sizeof data);
@@ -1177,7 +1208,7 @@ static void test_runtime_call_errors(void) {
     /* the forward fails (a canonical id outside the hash's vocabulary) */
     f.map[0] = VOCAB;
     const int32_t tok0[1] = {0};
-    CHECK_ST(ek_runtime_begin(rt, tok0, 1), EK_OK);
+    CHECK_ST(ek_runtime_begin(rt, tok0, NULL, 1), EK_OK);
     fake_tensor one_tok = {"embd", data, HID, HID * sizeof(float), true};
     CHECK(!ek_eval_callback(&one_tok, false, rt));
     CHECK_ST(rt->status, EK_ERR_RANGE);
@@ -1188,13 +1219,323 @@ static void test_runtime_call_errors(void) {
     ek_runtime_reset(rt);
 
     /* after all that, a clean batch works */
-    CHECK_ST(ek_runtime_begin(rt, raw_tokens, 2), EK_OK);
+    CHECK_ST(ek_runtime_begin(rt, raw_tokens, NULL, 2), EK_OK);
     CHECK(ek_eval_callback(&embd, false, rt));
     CHECK(ek_eval_callback(&l2, false, rt));
     CHECK_ST(ek_runtime_commit(rt), EK_OK);
-    CHECK_EQ_I64(rt->n_past, 2);
+    CHECK_EQ_I64(rt->seqs[0].n_past, 2);
     CHECK(fake_oob == 0);
     fixture_free(&f);
+}
+
+/* ================================================================ 5. several sequences */
+
+/* Three users' override stacks per layer: the layers' own sets, none, and layer A's set twice
+ * (a two-file stack). user_stack(u) is [N_LAYERS]. */
+static ek_stack stack_own[N_LAYERS], stack_none[N_LAYERS], stack_both[N_LAYERS];
+static ek_override twice[2];
+
+static const ek_stack *user_stack(int u) {
+    return u == 0 ? stack_own : (u == 1 ? stack_none : stack_both);
+}
+
+static void stacks_init(void) {
+    for (int l = 0; l < N_LAYERS; l++) {
+        const model_layer *m = l == 0 ? &layer_a : &layer_b;
+        stack_own[l] = (ek_stack){m->L.ovs, m->L.n_ovs};
+        stack_none[l] = (ek_stack){NULL, 0};
+        stack_both[l] = l == 0 ? (ek_stack){twice, 2} : (ek_stack){NULL, 0};
+    }
+    twice[0] = twice[1] = layer_a.ov;
+}
+
+/* The hidden state of user u's position pos at a node (users differ, so a mix-up shows). */
+static float user_hidden(int node, int u, int64_t pos, int64_t d) {
+    return hidden_value(node, pos + 1000 * (int64_t)u, d);
+}
+
+/* The graph of the pending batch: row r of sequence s holds user_hidden(node, user_of[s], pos);
+ * outs[user_of[s]] receives each Engram node's tensor (h + y) at pos. */
+static void run_graph_users(ek_runtime *rt, const int *user_of, seq_out *outs) {
+    const int64_t n = rt->n_pending;
+    for (int node = 0; node < N_NODES; node++) {
+        float *data = xmalloc((size_t)(n * HID) * sizeof(float));
+        for (int32_t b = 0; b < rt->n_batch_seqs; b++) {
+            const ek_seq *sq = &rt->seqs[rt->batch_seqs[b]];
+            for (int64_t i = 0; i < sq->n_pending; i++)
+                for (int64_t d = 0; d < HID; d++)
+                    data[(sq->batch_row + i) * HID + d] =
+                        user_hidden(node, user_of[rt->batch_seqs[b]], sq->n_past + i, d);
+        }
+        fake_tensor ft = {graph_nodes[node], data, n * HID, (size_t)(n * HID) * sizeof(float), true};
+        const int li = layer_of_node(node);
+        CHECK(ek_eval_callback(&ft, true, rt) == (li >= 0));
+        if (li >= 0) {
+            CHECK(ek_eval_callback(&ft, false, rt));
+            for (int32_t b = 0; b < rt->n_batch_seqs; b++) {
+                const ek_seq *sq = &rt->seqs[rt->batch_seqs[b]];
+                for (int64_t i = 0; i < sq->n_pending; i++)
+                    memcpy(outs[user_of[rt->batch_seqs[b]]][li][sq->n_past + i],
+                           data + (sq->batch_row + i) * HID, HID * sizeof(float));
+            }
+        }
+        free(data);
+    }
+}
+
+static int32_t user_tokens[N_SEQS][SEQ];
+
+static void test_forward_batch_equals_segments_alone(void) {
+    /* three segments: user 0 from position 0 (no history), user 1 continuing at 5 (history),
+     * user 2 at 2 with a longer batch; each against ek_engram_forward with its stack as the
+     * layer's own override sets */
+    enum { T = 13 };
+    const int64_t lens[N_SEQS] = {4, 1, 8}, starts[N_SEQS] = {0, 5, 2};
+    static int64_t ids[N_SEQS][SEQ];
+    static float xs_b[N_SEQS][SEQ * HID], xs_1[N_SEQS][SEQ * HID], h[T * HID], y_b[T * HID], y_1[T * HID];
+    for (int u = 0; u < N_SEQS; u++) {
+        for (int p = 0; p < SEQ; p++) ids[u][p] = (seq_ids[p] + 5 * u) % VOCAB;
+        for (int i = 0; i < SEQ * HID; i++) xs_b[u][i] = xs_1[u][i] = rng_float(-1.0, 1.0);
+    }
+    for (int i = 0; i < T * HID; i++) h[i] = rng_float(-2.0, 2.0);
+    for (int l = 0; l < N_LAYERS; l++) {
+        const model_layer *m = l == 0 ? &layer_a : &layer_b;
+        ek_segment segs[N_SEQS];
+        int64_t row = 0, hits_1 = 0;
+        for (int u = 0; u < N_SEQS; u++) {
+            segs[u] = (ek_segment){lens[u], ids[u], SEQ, starts[u], xs_b[u], SEQ, starts[u], user_stack(u)[l]};
+            ek_engram_layer L1 = m->L;
+            L1.ovs = user_stack(u)[l].ovs;
+            L1.n_ovs = user_stack(u)[l].n_ovs;
+            int64_t ni, nf, hh = 0;
+            CHECK_ST(ek_engram_scratch(&L1, lens[u], &ni, &nf), EK_OK);
+            int64_t *si = xmalloc((size_t)ni * sizeof(int64_t));
+            float *sf = xmalloc((size_t)nf * sizeof(float));
+            CHECK_ST(ek_engram_forward(&L1, h + row * HID, lens[u], ids[u], SEQ, starts[u], xs_1[u], SEQ,
+                                       starts[u], y_1 + row * HID, lens[u] * HID, si, ni, sf, nf, &hh),
+                     EK_OK);
+            hits_1 += hh;
+            free(si);
+            free(sf);
+            row += lens[u];
+        }
+        CHECK_EQ_I64(row, T);
+        int64_t ni, nf, hits_b = -1;
+        CHECK_ST(ek_engram_scratch(&m->L, T, &ni, &nf), EK_OK);
+        int64_t *si = xmalloc((size_t)ni * sizeof(int64_t));
+        float *sf = xmalloc((size_t)nf * sizeof(float));
+        CHECK_ST(ek_engram_forward_batch(&m->L, h, T, segs, N_SEQS, y_b, T * HID, si, ni, sf, nf, &hits_b),
+                 EK_OK);
+        CHECK(memcmp(y_b, y_1, sizeof y_b) == 0);
+        CHECK(memcmp(xs_b, xs_1, sizeof xs_b) == 0);
+        CHECK_EQ_I64(hits_b, hits_1);
+        if (l == 0) CHECK(hits_b > 0);
+
+        /* bad arguments: status, nothing written */
+        static float y_keep[T * HID];
+        memcpy(y_keep, y_b, sizeof y_b);
+        ek_segment bad[N_SEQS];
+#define BATCH_EXPECT(stmt, want)                                                                 \
+        do {                                                                                     \
+            memcpy(bad, segs, sizeof bad);                                                       \
+            int64_t T_ = T, ycap_ = T * HID, ni_ = ni, nf_ = nf;                                 \
+            int32_t nseg_ = N_SEQS;                                                              \
+            const ek_segment *sp_ = bad;                                                         \
+            (void)T_; (void)ycap_; (void)ni_; (void)nf_; (void)nseg_; (void)sp_;                 \
+            stmt;                                                                                \
+            CHECK_ST(ek_engram_forward_batch(&m->L, h, T_, sp_, nseg_, y_b, ycap_, si, ni_, sf, nf_, \
+                                             NULL), want);                                       \
+        } while (0)
+        BATCH_EXPECT(T_ = T + 1, EK_ERR_ARG);                  /* segments do not cover T */
+        BATCH_EXPECT(T_ = -1, EK_ERR_ARG);
+        BATCH_EXPECT(nseg_ = -1, EK_ERR_ARG);
+        BATCH_EXPECT(nseg_ = 2, EK_ERR_ARG);                   /* 12 rows of 13 */
+        BATCH_EXPECT(sp_ = NULL, EK_ERR_NULL);
+        BATCH_EXPECT(bad[1].n = 0, EK_ERR_ARG);
+        BATCH_EXPECT(bad[1].n = -1, EK_ERR_ARG);
+        BATCH_EXPECT(bad[2].n_ids = starts[2] + lens[2] - 1, EK_ERR_SIZE);
+        BATCH_EXPECT(bad[2].xs_rows = starts[2] + lens[2] - 1, EK_ERR_SIZE);
+        BATCH_EXPECT(bad[0].ids_start = -1, EK_ERR_ARG);
+        BATCH_EXPECT(bad[0].xs_start = -1, EK_ERR_ARG);
+        BATCH_EXPECT(bad[0].ids_start = INT64_MAX, EK_ERR_SIZE);
+        BATCH_EXPECT(bad[1].ids = NULL, EK_ERR_NULL);
+        BATCH_EXPECT(bad[1].xs = NULL, EK_ERR_NULL);
+        BATCH_EXPECT(bad[1].stack.n_ovs = -1, EK_ERR_ARG);
+        BATCH_EXPECT(bad[1].stack = ((ek_stack){NULL, 1}), EK_ERR_NULL);
+        BATCH_EXPECT(bad[1].n = INT64_MAX - 1, EK_ERR_ARG);    /* the sum overflows */
+        BATCH_EXPECT(ycap_ = T * HID - 1, EK_ERR_CAPACITY);
+        BATCH_EXPECT(ni_ = ni - 1, EK_ERR_CAPACITY);
+        BATCH_EXPECT(nf_ = nf - 1, EK_ERR_CAPACITY);
+        BATCH_EXPECT(ycap_ = -1, EK_ERR_ARG);
+        CHECK(memcmp(y_keep, y_b, sizeof y_b) == 0);
+        CHECK(memcmp(xs_b, xs_1, sizeof xs_b) == 0);
+#undef BATCH_EXPECT
+        CHECK_ST(ek_engram_forward_batch(NULL, h, T, segs, N_SEQS, y_b, T * HID, si, ni, sf, nf, NULL),
+                 EK_ERR_NULL);
+        CHECK_ST(ek_engram_forward_batch(&m->L, NULL, T, segs, N_SEQS, y_b, T * HID, si, ni, sf, nf, NULL),
+                 EK_ERR_NULL);
+        CHECK_ST(ek_engram_forward_batch(&m->L, h, T, segs, N_SEQS, NULL, T * HID, si, ni, sf, nf, NULL),
+                 EK_ERR_NULL);
+        hits_b = -1;
+        CHECK_ST(ek_engram_forward_batch(&m->L, NULL, 0, NULL, 0, NULL, 0, NULL, 0, NULL, 0, &hits_b), EK_OK);
+        CHECK_EQ_I64(hits_b, 0);
+        free(si);
+        free(sf);
+    }
+}
+
+/* Decode users 0..2 alone (sequence 0 of a fresh runtime, their own stack) into ref[u]. */
+static void decode_users_alone(seq_out *ref) {
+    static fixture f;
+    fixture_init(&f);
+    ek_runtime *rt = &f.rt;
+    CHECK_ST(ek_runtime_init(rt), EK_OK);
+    const int32_t batch[] = {5, 1, 3, 8, 2, 1};
+    for (int u = 0; u < N_SEQS; u++) {
+        ek_runtime_reset(rt);
+        CHECK_ST(ek_runtime_set_stacks(rt, 0, user_stack(u)), EK_OK);
+        const int zero_user[N_SEQS] = {u, u, u};
+        for (int64_t p = 0, c = 0; p < SEQ; c++) {
+            int64_t n = batch[c % 6];
+            if (n > SEQ - p) n = SEQ - p;
+            CHECK_ST(ek_runtime_begin(rt, user_tokens[u] + p, NULL, n), EK_OK);
+            run_graph_users(rt, zero_user, ref);
+            CHECK_ST(ek_runtime_commit(rt), EK_OK);
+            p += n;
+        }
+    }
+    fixture_free(&f);
+}
+
+static void test_runtime_sequences(void) {
+    static seq_out ref[N_SEQS], got[N_SEQS];
+    decode_users_alone(ref);
+    /* the users differ: their stacks and tokens change their outputs */
+    CHECK(memcmp(ref[0], ref[1], sizeof ref[0]) != 0 && memcmp(ref[0], ref[2], sizeof ref[0]) != 0);
+
+    static fixture f;
+    fixture_init(&f);
+    ek_runtime *rt = &f.rt;
+    CHECK_ST(ek_runtime_init(rt), EK_OK);
+    /* user u lives in sequence slot (u + 1) % 3 */
+    int user_of[N_SEQS];
+    for (int u = 0; u < N_SEQS; u++) {
+        user_of[(u + 1) % N_SEQS] = u;
+        CHECK_ST(ek_runtime_set_stacks(rt, (u + 1) % N_SEQS, user_stack(u)), EK_OK);
+    }
+    /* random schedules: each round, a random subset of users in random order, each with a random
+     * chunk, the batch at most MAX_TOK; sometimes a user rolls back and re-decodes */
+    for (int round = 0; round < 40; round++) {
+        int64_t pos[N_SEQS] = {0, 0, 0};
+        ek_runtime_reset(rt);
+        for (int u = 0; u < N_SEQS; u++) rt->seqs[(u + 1) % N_SEQS].stacks = user_stack(u);
+        memset(got, 0, sizeof got);
+        while (pos[0] < SEQ || pos[1] < SEQ || pos[2] < SEQ) {
+            int32_t toks[MAX_TOK], sids[MAX_TOK];
+            int64_t n = 0;
+            const int first = (int)rng_int(N_SEQS);
+            for (int k = 0; k < N_SEQS; k++) {
+                const int u = (first + k) % N_SEQS;
+                if (pos[u] >= SEQ || rng_int(3) == 0 || n >= MAX_TOK) continue;
+                int64_t c = 1 + rng_int(4);
+                if (c > SEQ - pos[u]) c = SEQ - pos[u];
+                if (c > MAX_TOK - n) c = MAX_TOK - n;
+                for (int64_t i = 0; i < c; i++) {
+                    toks[n + i] = user_tokens[u][pos[u] + i];
+                    sids[n + i] = (u + 1) % N_SEQS;
+                }
+                n += c;
+                pos[u] += c;
+            }
+            if (n == 0) continue;
+            CHECK_ST(ek_runtime_begin(rt, toks, sids, n), EK_OK);
+            run_graph_users(rt, user_of, got);
+            CHECK_ST(ek_runtime_commit(rt), EK_OK);
+            const int u = (int)rng_int(N_SEQS);
+            if (rng_int(8) == 0 && pos[u] > 2) {        /* roll back and continue from there */
+                pos[u] -= 1 + rng_int(2);
+                CHECK_ST(ek_runtime_truncate(rt, (u + 1) % N_SEQS, pos[u]), EK_OK);
+            }
+        }
+        for (int u = 0; u < N_SEQS; u++) {
+            CHECK_EQ_I64(rt->seqs[(u + 1) % N_SEQS].n_past, SEQ);
+            CHECK(same_outputs(&ref[u], &got[u], 0, SEQ));
+        }
+    }
+
+    /* begin: a sequence in two runs, a sequence id out of range, one sequence's context full */
+    const int32_t toks[4] = {1, 2, 3, 4};
+    const int32_t two_runs[4] = {0, 1, 1, 0}, out_of_range[4] = {0, 0, 3, 0}, negative[4] = {-1, 0, 0, 0};
+    struct {
+        const int32_t *sids;
+        int32_t want;
+        const char *why;
+    } const bad[] = {{two_runs, EK_ERR_ARG, "two runs"}, {out_of_range, EK_ERR_RANGE, "sequence 3"},
+                     {negative, EK_ERR_RANGE, "sequence -1"}};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        ek_runtime_reset(rt);
+        CHECK_ST(ek_runtime_begin(rt, toks, bad[i].sids, 4), bad[i].want);
+        CHECK(strstr(rt->error, bad[i].why) != NULL);
+        CHECK_EQ_I64(rt->n_pending, 0);
+        CHECK(rt->n_batch_seqs == 0);
+        for (int s = 0; s < N_SEQS; s++) CHECK_EQ_I64(rt->seqs[s].n_pending, 0);
+    }
+    ek_runtime_reset(rt);
+    const int32_t s2[MAX_TOK] = {2, 2, 2, 2, 2, 2, 2, 2}, s1[4] = {1, 1, 1, 1};
+    for (int k = 0; k < 3; k++) {                        /* sequence 2: 24 = N_CTX positions */
+        CHECK_ST(ek_runtime_begin(rt, raw_tokens, s2, MAX_TOK), EK_OK);
+        run_graph_users(rt, user_of, got);
+        CHECK_ST(ek_runtime_commit(rt), EK_OK);
+    }
+    CHECK_ST(ek_runtime_begin(rt, raw_tokens, s1, 4), EK_OK);   /* others still have room */
+    ek_runtime_abort(rt);
+    const int32_t mixed[3] = {1, 2, 2};
+    CHECK_ST(ek_runtime_begin(rt, raw_tokens, mixed, 3), EK_ERR_CAPACITY);
+    CHECK(strstr(rt->error, "sequence 2: 24 + 2 tokens exceed 24") != NULL);
+    CHECK_EQ_I64(rt->seqs[1].n_pending, 0);
+
+    /* truncate and set_stacks of other sequences; their refusals change nothing */
+    ek_runtime_reset(rt);
+    CHECK_ST(ek_runtime_truncate(rt, N_SEQS, 0), EK_ERR_RANGE);
+    CHECK_ST(ek_runtime_truncate(rt, -1, 0), EK_ERR_RANGE);
+    CHECK_ST(ek_runtime_truncate(rt, 1, 1), EK_ERR_RANGE);      /* beyond its n_past (0) */
+    CHECK_ST(rt->status, EK_OK);
+    CHECK_ST(ek_runtime_set_stacks(NULL, 0, NULL), EK_ERR_NULL);
+    CHECK_ST(ek_runtime_set_stacks(rt, N_SEQS, NULL), EK_ERR_RANGE);
+    CHECK_ST(ek_runtime_set_stacks(rt, -1, NULL), EK_ERR_RANGE);
+    const ek_stack *before = rt->seqs[1].stacks;
+    ek_stack neg[N_LAYERS] = {{NULL, 0}, {NULL, -1}}, null_ovs[N_LAYERS] = {{NULL, 1}, {NULL, 0}};
+    CHECK_ST(ek_runtime_set_stacks(rt, 1, neg), EK_ERR_ARG);
+    CHECK_ST(ek_runtime_set_stacks(rt, 1, null_ovs), EK_ERR_NULL);
+    ek_override unsorted = layer_a.ov;
+    int64_t rows_rev[N_OV];
+    for (int i = 0; i < N_OV; i++) rows_rev[i] = layer_a.ov_rows[N_OV - 1 - i];
+    unsorted.rows = rows_rev;
+    ek_stack bad_set[N_LAYERS] = {{&unsorted, 1}, {NULL, 0}};
+    CHECK_ST(ek_runtime_set_stacks(rt, 1, bad_set), EK_ERR_UNSORTED);
+    ek_override too_far = layer_a.ov;
+    int64_t rows_far[N_OV];
+    for (int i = 0; i < N_OV; i++) rows_far[i] = layer_b.n_rows + i;  /* outside layer B's table */
+    too_far.rows = rows_far;
+    ek_stack far_set[N_LAYERS] = {{NULL, 0}, {&too_far, 1}};
+    CHECK_ST(ek_runtime_set_stacks(rt, 1, far_set), EK_ERR_RANGE);
+    CHECK(rt->seqs[1].stacks == before);
+    CHECK_ST(ek_runtime_begin(rt, toks, s1, 2), EK_OK);
+    CHECK_ST(ek_runtime_set_stacks(rt, 1, NULL), EK_ERR_ARG);  /* a batch is pending */
+    CHECK(rt->seqs[1].stacks == before);
+    CHECK_ST(rt->status, EK_OK);
+    ek_runtime_abort(rt);
+    CHECK_ST(ek_runtime_set_stacks(rt, 1, NULL), EK_OK);
+    CHECK(rt->seqs[1].stacks == NULL);
+    rt->status = EK_ERR_ARG;                                    /* a failed runtime refuses */
+    CHECK_ST(ek_runtime_set_stacks(rt, 1, stack_none), EK_ERR_ARG);
+    ek_runtime_reset(rt);
+    CHECK(fake_oob == 0);
+    fixture_free(&f);
+
+    /* init checks every sequence's stacks */
+    INIT_EXPECT(fx->seqs[2].stacks = bad_set, EK_ERR_UNSORTED);
+    INIT_EXPECT(fx->seqs[1].stacks = neg, EK_ERR_ARG);
 }
 
 int main(void) {
@@ -1222,6 +1563,11 @@ int main(void) {
     test_runtime_sequence();
     test_runtime_init_errors();
     test_runtime_call_errors();
+    for (int u = 0; u < N_SEQS; u++)
+        for (int t = 0; t < SEQ; t++) user_tokens[u][t] = u == 0 ? raw_tokens[t] : (int32_t)rng_int(MAP_LEN);
+    stacks_init();
+    test_forward_batch_equals_segments_alone();
+    test_runtime_sequences();
 
     free(layer_a.table);
     free(layer_b.table);
