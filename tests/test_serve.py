@@ -30,6 +30,7 @@ pytest.importorskip("sse_starlette")
 openai = pytest.importorskip("openai")
 
 from tests.runtime_fixtures import shared_model_dir  # noqa: E402
+from tests.test_store import pg  # noqa: E402,F401 - a throwaway PostgreSQL server (skips without one)
 
 KEY = "test-key-123"
 
@@ -37,14 +38,15 @@ KEY = "test-key-123"
 # --------------------------------------------------------------------------- a live server
 
 @contextlib.contextmanager
-def running_server(model, memory_dir, *, api_key=KEY, n_parallel=2, ctx=512, preload_writer=False):
+def running_server(model, memory_dir, *, api_key=KEY, n_parallel=2, ctx=512, preload_writer=False,
+                   memory_store=None):
     """A live server (engram_local.serve.server) on a free loopback port, in this process:
     yields (base_url, state); stopped and closed afterwards."""
     from engram_local.serve import server as srv
 
     opts = srv.ServeOptions(model=None if model is None else str(model), memory_dir=str(memory_dir),
-                            n_parallel=n_parallel, ctx=ctx, threads=1, api_key=api_key,
-                            preload_writer=preload_writer)
+                            memory_store=memory_store, n_parallel=n_parallel, ctx=ctx, threads=1,
+                            api_key=api_key, preload_writer=preload_writer)
     sock = srv.bind("127.0.0.1", 0)
     state = srv.load(opts, log=lambda m: None)
     server = srv.uvicorn_server(state, sock, grace=2.0)
@@ -219,7 +221,7 @@ def test_user_ids_are_validated(live, client, bad):
     with pytest.raises(openai.BadRequestError):
         _chat(client, user=bad)
     left = [p.name for p in state.store.directory.iterdir()]
-    assert all(re.fullmatch(r"u\d\.eov(\.lock)?", n) for n in left), f"a refused user id left a file: {left}"
+    assert all(re.fullmatch(r"u\d\.eov(\.lock|\.log)?", n) for n in left), f"a refused user id left a file: {left}"
 
 
 def test_request_body_size_is_limited(live):
@@ -366,6 +368,36 @@ def test_chat_remember_queues_the_stated_fact(live, client):
     assert [f["answer"] for f in facts] == ["Rex"]
     r = _chat(client, content="Hello world! How are you", user="u2", extra_body={"remember": True})
     assert r.model_extra.get("memory_job") is None
+
+
+def test_memory_routes_over_postgres(md, tmp_path, request):
+    """--memory-store postgresql://...: the same routes, the user's memory a versioned row."""
+    pg = request.getfixturevalue("pg")
+    from engram_local.store import open_store
+
+    with running_server(md, tmp_path / "unused", memory_store=pg.url) as (base, state):
+        assert state.store.directory is None and state.store.node.mode == "notify"
+        done = wait_job(base, call(base, "POST", "/v1/memories", {"user": "pu", "statement": "My cat is called Figaro."})[1]["id"])
+        assert done["status"] == "done", done
+        (fact,) = call(base, "GET", "/v1/memories?user=pu")[1]["facts"]
+        assert fact["answer"] == "Figaro" and state.store.stack("pu") is state.store.stack("pu")
+        st, job = call(base, "DELETE", f"/v1/memories/pu/{fact['id']}")
+        assert st == 202 and wait_job(base, job["id"])["status"] == "done"
+        assert call(base, "GET", "/v1/memories?user=pu")[1]["facts"] == []
+    assert not (tmp_path / "unused").exists()
+    with open_store(pg.url) as store:
+        assert [(e.action, e.fact_ids) for e in store.log("pu")] == [("remember", (fact["id"],)),
+                                                                     ("forget", (fact["id"],))]
+
+
+def test_a_bad_memory_store_is_one_line():
+    from engram_local.serve.server import ServeError, ServeOptions, open_node
+
+    for spec, want in [("ftp://x/y", "unsupported memory store"), ("postgresql://nobody@127.0.0.1:1/x",
+                                                                    "cannot connect")]:
+        with pytest.raises(ServeError, match=want) as err:
+            open_node(ServeOptions(memory_store=spec))
+        assert str(err.value).startswith("--memory-store") and "\n" not in str(err.value)
 
 
 # --------------------------------------------------------------------------- the command, SIGTERM

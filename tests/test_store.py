@@ -477,3 +477,21 @@ def test_postgres_node_cache_under_concurrent_writes_serves_whole_versions(pg):
         finally:
             stop.set()
             node.close()
+
+
+def test_stale_private_copies_of_dead_processes_are_removed(tmp_path, monkeypatch):
+    import os
+    import tempfile
+
+    from engram_local.store.base import EDIT_PREFIX, remove_stale_edits
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f"{EDIT_PREFIX}{dead.pid}-abc"
+    stale.mkdir()
+    (stale / "u.eov").write_bytes(b"rows")
+    alive = tmp_path / f"{EDIT_PREFIX}{os.getpid()}-def"
+    alive.mkdir()
+    assert remove_stale_edits() == 1
+    assert not stale.exists() and alive.exists()

@@ -28,7 +28,7 @@ from starlette.staticfiles import StaticFiles
 
 from engram_local.serve import api
 from engram_local.serve.api import ApiError, Generation, bad
-from engram_local.serve.users import MemoryStore, MemoryWriter, UserError, check_fact_id, check_user
+from engram_local.serve.users import MemoryWriter, UserError, UserMemories, check_fact_id, check_user
 from engram_local.text.facts import MAX_FACT_CHARS
 
 STATIC = Path(__file__).parent / "static"
@@ -40,7 +40,7 @@ OPEN_PATHS = ("/health",)   # reachable without the API key (with the page and i
 class ServerState:
     """What the routes share: the loaded session (its engine running), the users' memory."""
     session: object
-    store: MemoryStore
+    store: UserMemories
     writer: MemoryWriter
     model_id: str
     api_key: str | None = None
@@ -293,7 +293,8 @@ def _auto_remember(state: ServerState, user: str | None, messages: list[dict]) -
     turn = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
     if user is None or not turn:
         return None
-    proposals = Learner(state.store.path(user), None).propose(turn)
+    with state.store.as_file(user) as path:
+        proposals = Learner(path, None).propose(turn)
     if not proposals:
         return None
     job = _enqueue(state.writer.remember, user, [NewFact(prompt=p.prompt, answer=p.answer) for p in proposals])

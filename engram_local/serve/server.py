@@ -2,8 +2,12 @@
 
 Shutdown (SIGTERM, SIGINT): uvicorn stops accepting connections and gives the requests in flight
 `grace` seconds to finish (then cancels them); the engine then cancels whatever is left, the memory
-writer fails the writes still queued and waits for the one running to land (a write replaces the
-user's file atomically: cut short by kill -9, it leaves the old file and its facts).
+writer fails the writes still queued and waits for the one running to land (a write stores the
+user's new version in one atomic step: cut short by kill -9, it leaves the old version and its facts).
+
+The memories live in `--memory-store` (engram_local.store.open_store: a directory, DIR/<user>.eov,
+by default `--memory-dir`; or postgresql://... shared by several nodes), read through a bounded
+node cache (CachedStore) that learns of other nodes' writes by LISTEN/NOTIFY.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from engram_local.serve.users import MemoryStore, MemoryWriter
+from engram_local.serve.users import MemoryWriter, UserMemories
 
 
 class ServeError(Exception):
@@ -26,6 +30,8 @@ class ServeError(Exception):
 class ServeOptions:
     model: str | None = None
     memory_dir: str = "memories"
+    memory_store: str | None = None  # a directory or postgresql://...; None: memory_dir
+    memory_cache_bytes: int = 256 << 20   # the node's cache of users' memories (LRU, by bytes)
     n_parallel: int = 4              # -np: sequences decoded together
     ctx: int = 8192                  # -c: KV cache cells in all (each sequence holds ctx // np)
     n_gpu_layers: int = 0
@@ -70,10 +76,10 @@ def load(opts: ServeOptions, log: Callable[[str], None] = _stderr):
         return engine.make_stack(open_override_stack([path], sidecar))
 
     try:
-        store = MemoryStore(opts.memory_dir, open_stack)
-    except OSError as exc:
+        store = UserMemories(open_node(opts), open_stack)
+    except ServeError:
         session.close()
-        raise ServeError(f"--memory-dir {opts.memory_dir}: {exc.strerror or exc}") from None
+        raise
     writer = MemoryWriter(store, lambda: facade.load_model_for_memory(model_path),
                           torch_threads=opts.writer_threads, preload=opts.preload_writer, log=log)
     engine.start()
@@ -81,10 +87,35 @@ def load(opts: ServeOptions, log: Callable[[str], None] = _stderr):
                        api_key=opts.api_key or None)
 
 
+def open_node(opts: ServeOptions):
+    """The node's CachedStore over the store `opts` names (ServeError: one line)."""
+    from engram_local.store import CachedStore, StoreError, open_store
+
+    spec = opts.memory_store or opts.memory_dir
+    flag = "--memory-store" if opts.memory_store else "--memory-dir"
+    try:
+        return CachedStore(open_store(spec), max_bytes=opts.memory_cache_bytes)
+    except StoreError as exc:
+        raise ServeError(f"{flag}: {exc}") from None
+    except OSError as exc:
+        raise ServeError(f"{flag} {spec}: {exc.strerror or exc}") from None
+
+
+def store_name(store) -> str:
+    """Where the memories are, for the start line (a directory's absolute path; a URL without
+    its password)."""
+    from engram_local.store.postgres import redact
+
+    d = getattr(store, "dir", None)
+    return os.path.abspath(d) if d is not None else redact(store.url)
+
+
 def close(state, write_grace: float = 120.0) -> None:
-    """Cancel what the engine still runs, let a running memory write land, free the model."""
+    """Cancel what the engine still runs, let a running memory write land, close the memory
+    store, free the model."""
     state.session.engine.close()
     state.writer.close(timeout=write_grace)
+    state.store.close()
     state.session.close()
 
 
@@ -138,7 +169,7 @@ def serve(opts: ServeOptions, host: str = "127.0.0.1", port: int = 8080,
         s = state.session
         shown = f"[{host}]" if ":" in host else host
         log(f"engram-local: serving {state.model_id} on http://{shown}:{sock.getsockname()[1]} "
-            f"({len(s.engine.slots)} sequences x {s.n_ctx} tokens, memory {os.path.abspath(opts.memory_dir)}"
+            f"({len(s.engine.slots)} sequences x {s.n_ctx} tokens, memory {store_name(state.store.node.store)}"
             + (", API key required" if state.api_key else "") + "); chat page at /")
         server.run(sockets=[sock])
     finally:

@@ -1,34 +1,39 @@
-"""Users and their memory for the server: ids, memory files, override stacks, background writes.
+"""Users and their memory for the server: ids, memories, override stacks, background writes.
 
-A user id names a file, `<memory dir>/<user>.eov`, so it is checked before anything else: 1 to
-64 characters of [A-Za-z0-9_.-], not starting with a dot (never a path, never a hidden file).
-An unknown user simply has no memory file yet.
+The memories live in a store (engram_local.store: DIR/<user>.eov by default, or a PostgreSQL
+database shared by several `serve` nodes), read through the node's `CachedStore`. A user id
+becomes a file name or a database key, so it is checked first (`store.check_user`): 1 to 64
+characters of [A-Za-z0-9_.-], not starting with a dot. An unknown user simply has no memory yet.
 
-`MemoryStore.stack(user)` is the override stack a request decodes with: the user's file opened
-(memory-mapped) and made into an engine stack, cached per user and keyed on the file's identity
-(inode, size, mtime): a write replaces the file atomically (rename), so the next request opens the
-new file, while a request already running keeps the stack it started with (its mapping of the old
-file stays valid). Only the most recently used stacks stay open: an idle user costs nothing.
+`UserMemories.stack(user)` is the override stack a request decodes with: the user's current
+version (one whole `Memory`, never a mix of two) opened as an engine stack, cached per user and
+keyed on the version: a write stores a new version, so the next request opens it, while a
+request already running keeps the stack it started with. Only the most recently used stacks
+stay open: an idle user costs nothing.
 
 `MemoryWriter` runs memory writes (remember, forget) as jobs on one background thread, one job at
-a time for every user (one writer per file; fitting is CPU-heavy and would otherwise starve
-decoding), each through `memory.learner.Learner` with the fitting model loaded once.
+a time (fitting is CPU-heavy and would otherwise starve decoding), each through
+`memory.learner.Learner` on a private copy of the user's memory (`store.edit`: under the user's
+write lock, which spans every node; stored as the new version, compare-and-swap, on success).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import os
 import re
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
-USER_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
-USER_RULE = "1 to 64 characters of A-Z a-z 0-9 _ . -, not starting with '.'"
+from engram_local.store import CachedStore, Memory, StoreError
+from engram_local.store import check_user as store_check_user
+
 FACT_ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 MAX_JOBS_KEPT = 10_000        # finished jobs remembered for GET /v1/memories/jobs/{id}
 
@@ -38,13 +43,11 @@ class UserError(ValueError):
 
 
 def check_user(user) -> str:
-    """The user id, or UserError saying why it is refused."""
-    if not isinstance(user, str):
-        raise UserError(f"the user id must be a string ({USER_RULE})")
-    if not USER_RE.fullmatch(user):
-        shown = user if len(user) <= 40 else user[:40] + "..."
-        raise UserError(f"user id {shown!r} refused: {USER_RULE}")
-    return user
+    """The user id, or UserError saying why it is refused (the store's rule)."""
+    try:
+        return store_check_user(user)
+    except StoreError as exc:
+        raise UserError(str(exc)) from None
 
 
 def check_fact_id(fact_id) -> str:
@@ -53,43 +56,47 @@ def check_fact_id(fact_id) -> str:
     return fact_id
 
 
-class MemoryStore:
-    """Each user's memory file under `directory` and the override stack requests decode with.
+class UserMemories:
+    """The users' memories as this node reads them (`node`, a CachedStore over the store) and the
+    override stacks requests decode with.
 
-    `open_stack(path)` opens a file as an engine stack (the server passes
+    `open_stack(path)` opens a memory file as an engine stack (the server passes
     `engine.make_stack(open_override_stack([path], sidecar))`); `max_open` stacks stay cached."""
 
-    def __init__(self, directory: str | os.PathLike, open_stack: Callable[[Path], object], max_open: int = 64):
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+    def __init__(self, node: CachedStore, open_stack: Callable[[Path], object], max_open: int = 64):
+        self.node = node
         self._open_stack = open_stack
         self.max_open = max_open
         self._lock = threading.Lock()
-        self._stacks: collections.OrderedDict[str, tuple[tuple, object]] = collections.OrderedDict()
+        self._stacks: collections.OrderedDict[str, tuple[object, object]] = collections.OrderedDict()
 
-    def path(self, user: str) -> Path:
-        return self.directory / f"{check_user(user)}.eov"
+    @property
+    def directory(self) -> Path | None:
+        """The directory of a directory store (None: a database)."""
+        d = getattr(self.node.store, "dir", None)
+        return Path(d) if d is not None else None
+
+    def get(self, user: str) -> Memory | None:
+        return self.node.get(check_user(user))
 
     def stack(self, user: str | None):
-        """The override stack of `user`'s memory as it is now (None: no user, or no file yet)."""
+        """The override stack of `user`'s memory as it is now (None: no user, or no memory yet)."""
         if user is None:
             return None
-        path = self.path(user)
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
+        m = self.get(user)
+        if m is None:
             with self._lock:
                 self._stacks.pop(user, None)
             return None
-        sig = (st.st_ino, st.st_size, st.st_mtime_ns)
         with self._lock:
             hit = self._stacks.get(user)
-            if hit is not None and hit[0] == sig:
+            if hit is not None and hit[0] == m.version:
                 self._stacks.move_to_end(user)
                 return hit[1]
-        stack = self._open_stack(path)
+        with m.as_file() as path:
+            stack = self._open_stack(path)
         with self._lock:
-            self._stacks[user] = (sig, stack)
+            self._stacks[user] = (m.version, stack)
             self._stacks.move_to_end(user)
             while len(self._stacks) > self.max_open:
                 self._stacks.popitem(last=False)
@@ -101,14 +108,30 @@ class MemoryStore:
 
     def facts(self, user: str) -> list[dict]:
         """The user's facts as the memory routes list them: id, prompt, answer, rows, time."""
-        from engram_local.formats.eov import read_memory_file
+        from engram_local.formats.eov import parse_memory_bytes
 
-        path = self.path(user)
-        if not path.exists():
+        m = self.get(user)
+        if m is None:
             return []
-        mf = read_memory_file(path)
+        mf = parse_memory_bytes(m.data, f"memory of {user!r}")
         return [{"id": f.id, "prompt": f.prompt, "answer": f.answer, "rows": len(f.entries),
                  "time": f.written} for f in mf.facts]
+
+    @contextlib.contextmanager
+    def as_file(self, user: str) -> Iterator[Path]:
+        """The user's current memory as a private file (a path that does not exist: none yet)."""
+        m = self.get(user)
+        if m is not None:
+            with m.as_file() as path:
+                yield path
+            return
+        with tempfile.TemporaryDirectory(prefix="engram-memory-") as tmp:
+            yield Path(tmp) / f"{user}.eov"
+
+    def close(self) -> None:
+        with self._lock:
+            self._stacks.clear()
+        self.node.close()
 
 
 @dataclass
@@ -136,7 +159,7 @@ class MemoryWriter:
     once, on the writer thread (first job, or at once with `preload`). `torch_threads`: the
     intra-op threads torch fits with (1 leaves the other cores to decoding)."""
 
-    def __init__(self, store: MemoryStore, load_model: Callable[[], tuple], *, torch_threads: int = 1,
+    def __init__(self, store: UserMemories, load_model: Callable[[], tuple], *, torch_threads: int = 1,
                  preload: bool = False, log: Callable[[str], None] = lambda m: None):
         from concurrent.futures import ThreadPoolExecutor
 
@@ -218,16 +241,19 @@ class MemoryWriter:
     def _run(self, job: MemoryJob) -> None:
         from engram_local.memory.learner import Learner
 
-        learner = Learner(self.store.path(job.user), self.model())
-        try:
-            lj = learner.submit(job.facts) if job.kind == "remember" else learner.forget(job.ids)
-            lj.wait()
-        finally:
-            learner.close(wait=False)
-        if job.kind == "remember":
-            job.fact_ids = [f.id for f in lj.written()]
-        elif lj.error is None:
-            job.fact_ids = list(job.ids)
+        # a private copy of the user's current version, stored as the new one on a clean exit
+        with self.store.node.edit(job.user, job.kind) as ed:
+            learner = Learner(ed.path, self.model())
+            try:
+                lj = learner.submit(job.facts) if job.kind == "remember" else learner.forget(job.ids)
+                lj.wait()
+            finally:
+                learner.close(wait=False)
+            if job.kind == "remember":
+                job.fact_ids = [f.id for f in lj.written()]
+            elif lj.error is None:
+                job.fact_ids = list(job.ids)
+            ed.fact_ids = list(job.fact_ids)
         if lj.error is not None and not job.fact_ids:
             self._end(job, "failed", str(lj.error) or type(lj.error).__name__)
         else:
@@ -242,7 +268,7 @@ class MemoryWriter:
 
     def close(self, timeout: float | None = 120.0) -> None:
         """Stop: queued jobs fail ("shut down"), a running write is given `timeout` seconds to
-        land (a write replaces the file atomically: a write cut short leaves the old file)."""
+        land (a write is stored in one atomic step: a write cut short leaves the old version)."""
         with self._lock:
             self._closed = True
             queued = [j for j in self._jobs.values() if j.status == "queued"]

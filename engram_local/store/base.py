@@ -211,7 +211,8 @@ class MemoryStore(ABC):
         check_action(action)
         with self.lock(user):
             before = self.get(user)
-            with tempfile.TemporaryDirectory(prefix="engram-edit-") as tmp:
+            remove_stale_edits()
+            with tempfile.TemporaryDirectory(prefix=f"{EDIT_PREFIX}{os.getpid()}-") as tmp:
                 path = Path(tmp) / f"{user}.eov"
                 if before is not None:
                     private_copy(path, before.data)
@@ -221,6 +222,31 @@ class MemoryStore(ABC):
                 if data is not None and (before is None or data != before.data):
                     ed.memory = self.put(user, data, action=ed.action, fact_ids=ed.fact_ids,
                                          expect_version=before.version if before else ABSENT, node=node)
+
+
+EDIT_PREFIX = "engram-edit-"      # private working copies: $TMPDIR/engram-edit-<pid>-XXXX/<user>.eov
+
+
+def remove_stale_edits() -> int:
+    """Remove the private working copies of processes that no longer run (a node killed with
+    kill -9 mid-write leaves its copy of a user's rows); the number removed."""
+    import shutil
+
+    n = 0
+    for d in Path(tempfile.gettempdir()).glob(f"{EDIT_PREFIX}*-*"):
+        pid = d.name[len(EDIT_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue                      # alive (or not ours to signal): leave it
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        n += 1
+    return n
 
 
 class HeldLocks:
