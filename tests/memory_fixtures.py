@@ -49,3 +49,27 @@ def greedy_text(em, tok, prompt: str, n: int, stacks=None) -> str:
     for _ in range(n):
         out.append(int(logits(em, ids + out, stacks)[-1].argmax()))
     return tok.decode(ids + out)[len(tok.decode(ids)):]
+
+
+def write(path, facts, model, **kw):
+    """`memory.remember` of `facts` (anything with prompt, answer, id, paraphrases) with `model`
+    = (em, tok, fingerprint)."""
+    from engram_local.memory import facade as memory
+    from engram_local.memory.facade import NewFact
+
+    em, tok, fp = model
+    facts = [NewFact(f.prompt, f.answer, id=f.id, paraphrases=list(f.paraphrases)) for f in facts]
+    return memory.remember(path, facts, em, tok, fp, **kw)
+
+
+def assert_refused_unchanged(src, path, facts, model, message):
+    """A private copy of `src` at `path`; writing `facts` raises ValueError(`message`) and leaves
+    the file byte for byte as it was."""
+    import pytest
+
+    path.write_bytes(src.read_bytes())
+    path.chmod(0o600)
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match=message):
+        write(path, facts, model)
+    assert path.read_bytes() == before

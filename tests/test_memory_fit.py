@@ -9,7 +9,7 @@ from engram_local.memory.facade import NewFact, open_overrides
 from engram_local.native import OverrideSet
 from engram_local.formats.eov import MemoryFileError, read_memory_file
 from engram_local.memory.writer import FactIn, FitSettings, Fitter
-from tests.memory_fixtures import greedy_text, logits, tiny_memory_model
+from tests.memory_fixtures import assert_refused_unchanged, greedy_text, logits, tiny_memory_model, write
 
 FACTS = [NewFact("my name is", "krause", id="name"),
          NewFact("the doctor is", "dr krause w41", id="doctor"),
@@ -21,12 +21,6 @@ FACTS = [NewFact("my name is", "krause", id="name"),
 def model():
     em, tok = tiny_memory_model()
     return em, tok, memory.model_fingerprint(em)
-
-
-def write(path, facts, model, **kw):
-    em, tok, fp = model
-    facts = [NewFact(f.prompt, f.answer, id=f.id, paraphrases=list(f.paraphrases)) for f in facts]
-    return memory.remember(path, facts, em, tok, fp, **kw)
 
 
 def recall(model, files, fact):
@@ -214,14 +208,7 @@ def test_forget_everything_leaves_an_empty_memory(model, tmp_path):
     ([NewFact("w61 w62", "w63", id="a"), NewFact("w64 w65", "w66", id="a")], "fact id 'a' is given twice in this call"),
 ])
 def test_bad_input_changes_nothing(model, written, tmp_path, facts, message):
-    path, _ = written
-    copy = tmp_path / "u.eov"
-    copy.write_bytes(path.read_bytes())
-    copy.chmod(0o600)
-    before = copy.read_bytes()
-    with pytest.raises(ValueError, match=message):
-        write(copy, facts, model)
-    assert copy.read_bytes() == before
+    assert_refused_unchanged(written[0], tmp_path / "u.eov", facts, model, message)
 
 
 def test_bad_files_change_nothing(model, written, tmp_path):

@@ -19,7 +19,7 @@ from engram_local.formats.eov import (LedgerFact, ReplacedFact, live_history, re
 from engram_local.formats.table import read_gguf
 from engram_local.memory import facade as memory
 from engram_local.memory.facade import NewFact, open_overrides, split_statement
-from tests.memory_fixtures import greedy_text, logits, tiny_memory_model
+from tests.memory_fixtures import assert_refused_unchanged, greedy_text, logits, tiny_memory_model, write
 
 OTHERS = [NewFact("my name is", "krause", id="name"),
           NewFact("the doctor is", "dr krause w41", id="doctor"),
@@ -32,12 +32,6 @@ PROMPT = "w30 w31 a"
 def model():
     em, tok = tiny_memory_model()
     return em, tok, memory.model_fingerprint(em)
-
-
-def write(path, facts, model, **kw):
-    em, tok, fp = model
-    return memory.remember(path, [NewFact(f.prompt, f.answer, f.id, list(f.paraphrases)) for f in facts],
-                           em, tok, fp, **kw)
 
 
 def said(statement):
@@ -184,13 +178,7 @@ def test_the_given_id_may_be_the_replaced_ones(model, updated, tmp_path):
     ([NewFact("w90 w91", "w63"), NewFact(PROMPT, "w64"), NewFact("w92", "zebra")], "cannot produce"),
 ])
 def test_bad_updates_change_nothing(model, updated, tmp_path, facts, message):
-    path = tmp_path / "u.eov"
-    path.write_bytes(updated[0].read_bytes())
-    path.chmod(0o600)
-    before = path.read_bytes()
-    with pytest.raises(ValueError, match=message):
-        write(path, facts, model)
-    assert path.read_bytes() == before
+    assert_refused_unchanged(updated[0], tmp_path / "u.eov", facts, model, message)
 
 
 def test_a_call_is_its_facts_one_at_a_time(model, updated, tmp_path):

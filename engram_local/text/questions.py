@@ -140,27 +140,28 @@ def _my_name(p, low, answer):
             ("Do you remember my name?", "My name is"), ("What name do I go by?", "My name is")]
 
 
+def _each_subject(subject: str, forms) -> list:
+    """forms(s) for the subject as written and each related subject (`related_subjects`), in order."""
+    return [f for s in [subject] + related_subjects(subject) for f in forms(s)]
+
+
 def _my_named(p, low, answer):
     m = re.fullmatch(r"my (.+?)'s? (?:name|names) (?:is|are|was)", low)
     if not m:
         return None
-    forms = []
-    for s in [p[3:3 + len(m.group(1))]] + related_subjects(p[3:3 + len(m.group(1))]):
-        forms += [(f"What is my {s}'s name?", f"My {s}'s name is"), (f"Who is my {s}?", f"My {s} is"),
-                  (f"What is my {s} called?", f"My {s} is called"), (f"What's my {s}'s name?", f"My {s}'s name is")]
-    return forms
+    return _each_subject(p[3:3 + len(m.group(1))], lambda s: [
+        (f"What is my {s}'s name?", f"My {s}'s name is"), (f"Who is my {s}?", f"My {s} is"),
+        (f"What is my {s} called?", f"My {s} is called"), (f"What's my {s}'s name?", f"My {s}'s name is")])
 
 
 def _my_is_named(p, low, answer):
     m = re.fullmatch(r"my (.+?) (?:is|was) (?:named|called)", low)
     if not m:
         return None
-    forms = []
-    for s in [p[3:3 + len(m.group(1))]] + related_subjects(p[3:3 + len(m.group(1))]):
-        own = f"My {s}{p[3 + len(m.group(1)):]}"
-        forms += [(f"What is my {s}'s name?", own), (f"What is my {s} called?", f"My {s} is called"),
-                  (f"Who is my {s}?", own), (f"What's my {s}'s name?", f"My {s}'s name is")]
-    return forms
+    rest = p[3 + len(m.group(1)):]
+    return _each_subject(p[3:3 + len(m.group(1))], lambda s: [
+        (f"What is my {s}'s name?", f"My {s}{rest}"), (f"What is my {s} called?", f"My {s} is called"),
+        (f"Who is my {s}?", f"My {s}{rest}"), (f"What's my {s}'s name?", f"My {s}'s name is")])
 
 
 def _my_passive(p, low, answer):
@@ -240,11 +241,9 @@ def _i_have_named(p, low, answer):
     if not m:
         return None
     s0 = p[len(p) - len(m.group(3)) - len(m.group(4)) - 1:len(p) - len(m.group(4)) - 1]
-    forms = []
-    for s in [s0] + related_subjects(s0):
-        forms += [(f"What is my {s}'s name?", f"My {s}'s name is"), (f"What did I name my {s}?", f"I named my {s}"),
-                  (f"What is my {s} called?", f"My {s} is called"), (f"What's my {s}'s name?", f"My {s}'s name is")]
-    return forms
+    return _each_subject(s0, lambda s: [
+        (f"What is my {s}'s name?", f"My {s}'s name is"), (f"What did I name my {s}?", f"I named my {s}"),
+        (f"What is my {s} called?", f"My {s} is called"), (f"What's my {s}'s name?", f"My {s}'s name is")])
 
 
 def _i_am(p, low, answer):

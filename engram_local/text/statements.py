@@ -680,6 +680,12 @@ def _judge_clause(c: str, now: bool = False) -> str | None:
     return "not about the user"
 
 
+# clause patterns that keep a clause out of memory, in the order they are tried, with the reason
+_SKIP_RULES = ((_HYPOTHETICAL, "hypothetical or conditional"), (_FUTURE, "a plan or a passing moment"),
+               (_HEDGE, "hedged"), (_REPORTED, "reported speech"), (_NEGATION, "negated or former"),
+               (_ADDRESSEE, "about the conversation"))
+
+
 def _judge(c: str, mark: str, explicit: bool, last: bool, now: bool = False) -> str | None:
     """None when the clause is written; otherwise the reason."""
     low = c.lower()
@@ -692,18 +698,9 @@ def _judge(c: str, mark: str, explicit: bool, last: bool, now: bool = False) -> 
         return "a question or a request"
     if '"' in c or re.search(r"(?:^|\s)'\w", c) or re.search(r"\w'(?:\s|$)", c) and not re.search(r"s'(?:\s|$)", c):
         return "a quotation"
-    if _HYPOTHETICAL.search(c):
-        return "hypothetical or conditional"
-    if _FUTURE.search(c):
-        return "a plan or a passing moment"
-    if _HEDGE.search(c):
-        return "hedged"
-    if _REPORTED.search(c):
-        return "reported speech"
-    if _NEGATION.search(c):
-        return "negated or former"
-    if _ADDRESSEE.search(c):
-        return "about the conversation"
+    for rule, reason in _SKIP_RULES:
+        if rule.search(c):
+            return reason
     if _RELATIVE.search(c) and not re.search(r"\b(?:who|that)\s+(?:is|are)\s+(?:called|named)\b", low):
         return "a subordinate clause"
     if len(_words(c)) > 18:
