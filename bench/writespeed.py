@@ -19,6 +19,10 @@ Parts:
   forget   one fact of the 100 forgotten: median over --samples facts;
   big      --big synthetic facts ("My aunt's dog is called Rex") from scratch through the API,
            wall time, and completion recall through `engram-local run`;
+  grow     --big synthetic facts added --chunk at a time to one file in a live session (how a
+           memory reaches 1,000 facts in use): each chunk's time as it lands (printed at once, so
+           a stopped run still leaves its curve), then completion recall of every fact through
+           `engram-local run`;
   compare  the writer of an earlier commit (--compare-commit, default ae3c22b: before this
            work) against this one on the first --compare-n statements, the same inputs
            (facade.fact_inputs), alternating in one process (the machine is shared: ratios).
@@ -210,6 +214,7 @@ def main(argv=None):
     ap.add_argument("-n", type=int, default=100, help="natural statements (default 100)")
     ap.add_argument("--samples", type=int, default=5, help="facts added / forgotten, one at a time")
     ap.add_argument("--big", type=int, default=1000, help="synthetic facts of the `big` part")
+    ap.add_argument("--chunk", type=int, default=100, help="facts per write of the `grow` part")
     ap.add_argument("--compare-commit", default="ae3c22b")
     ap.add_argument("--compare-n", type=int, default=20)
     ap.add_argument("--json", help="write the figures here")
@@ -230,7 +235,7 @@ def main(argv=None):
             res["cli"] = {"wall_s": round(wall, 1), "per_statement_s": round(wall / len(base_st), 3),
                           "recall": hit, "facts": len(base_st), "file_bytes": m.stat().st_size}
             print(f"cli: {len(base_st)} statements {wall:.1f} s wall, recall {hit}/{len(base_st)}", flush=True)
-        need_session = any(p in parts for p in ("profile", "add", "forget", "big", "compare"))
+        need_session = any(p in parts for p in ("profile", "add", "forget", "big", "grow", "compare"))
         if not need_session:
             return finish(res, args)
         s = Session()
@@ -285,6 +290,22 @@ def main(argv=None):
                           "file_bytes": rep.file_bytes, "recalled_fit": sum(rep.recalled.values()),
                           "recall_llama": hit, **stage_profile(fitter, secs)}
             print("big:", json.dumps(res["big"]), flush=True)
+        if "grow" in parts:
+            facts = synthetic_facts(args.big)
+            p = work / "grow.eov"
+            chunks = []
+            for i in range(0, len(facts), args.chunk):
+                rep, secs, fitter = s.remember(p, facts[i:i + args.chunk])
+                chunks.append({"facts_before": i, "added": len(facts[i:i + args.chunk]), "seconds": round(secs, 1),
+                               "rows": rep.rows, "file_bytes": rep.file_bytes,
+                               "items_fitted": len(fitter.live) if fitter else 0,
+                               "recalled_fit": sum(rep.recalled.values())})
+                print("grow:", json.dumps(chunks[-1]), flush=True)
+            pr = [{"prompt": f.prompt, "answer": f.answer} for f in facts]
+            res["grow"] = {"facts": len(facts), "chunk": args.chunk, "chunks": chunks,
+                           "total_s": round(sum(c["seconds"] for c in chunks), 1),
+                           "recall_llama": completion_recall(p, pr, work)}
+            print("grow:", json.dumps({k: v for k, v in res["grow"].items() if k != "chunks"}), flush=True)
         return finish(res, args)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -300,6 +321,8 @@ ROWS = {
     "big": ("{facts} synthetic facts from scratch (model loaded)", "{remember_s} s",
             "completion recall {recall_llama}/{facts} (llama.cpp), {recalled_fit} in the fit's check; "
             "{rows} rows, {file_bytes} bytes"),
+    "grow": ("{facts} synthetic facts added {chunk} at a time (live session)", "{total_s} s in all",
+             "completion recall {recall_llama}/{facts} (llama.cpp); per chunk: see the JSON"),
 }
 
 

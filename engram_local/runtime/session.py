@@ -201,7 +201,9 @@ class Session:
                 self.backend = llama_backend.LlamaCppBackend(
                     backbone, sidecar=self.sidecar, overrides=stack, adapter=adapter,
                     n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, kv_f32=kv_f32, log=log,
-                    n_seq=n_seq, flash_attn=None if n_seq > 1 else False)   # several: llama.cpp's default
+                    n_seq=n_seq, flash_attn=False if kv_f32 else None)
+            # flash attention: llama.cpp's default (auto: on for the CPU), ~7 % faster decode on
+            # the default model (bench/decode_cost.py); off with kv_f32, the exact-comparison mode
             except (FileNotFoundError, PermissionError, llama_backend.LlamaCppError) as exc:
                 raise RunError(str(exc)) from None
         else:
