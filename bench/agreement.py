@@ -317,12 +317,21 @@ def run_setting(model, skill: bool, overrides: list[str], prompts: list[str], n:
         kw = {} if v == "run" else {"kv_f32": v in ("kv_f32", "f32_gguf")}
         s = Session(model, overrides=overrides, backend="llama.cpp", skill=skill, n_threads=threads,
                     log=log, **kw)
+        if v == "fa_off":               # `run` before session 6: flash attention off
+            s.backend.close()
+            s.backend = llama_backend.LlamaCppBackend(s.model_dir.backbone_gguf(skill), sidecar=s.sidecar,
+                                                      overrides=s.overrides, n_threads=threads,
+                                                      flash_attn=False, log=log)
         if v == "f32_gguf":
             src = s.model_dir.backbone_gguf(skill)
             path = f32_copy(src, work / f"{src.stem}-f32.gguf")
             s.backend.close()
             s.backend = llama_backend.LlamaCppBackend(path, sidecar=s.sidecar, overrides=s.overrides,
                                                       n_threads=threads, kv_f32=True, log=log)
+        if v in ("fa_off", "f32_gguf"):    # the session's engine decodes through the new backend
+            from engram_local.runtime.engine import Engine
+
+            s.engine = Engine(s.backend, encode=s.encode, sidecar=s.sidecar, log=log)
         llama_sessions[v] = s
     rows = {(lv, tv): [] for lv in llama_sessions for tv in torch_sessions}
     tokenizer_mismatch = 0
@@ -392,7 +401,7 @@ def main(argv=None) -> int:
     ap.add_argument("-t", "--threads", type=int, default=None)
     ap.add_argument("--user", type=Path, default=USER_FILE, help="user file of the memory (paper schema)")
     ap.add_argument("--settings", default="skill,skill+memory,no-skill,no-skill+memory")
-    ap.add_argument("--variants", default="run", help="llama.cpp: run,kv_f16,kv_f32,f32_gguf (first = headline)")
+    ap.add_argument("--variants", default="run", help="llama.cpp: run,kv_f16,kv_f32,f32_gguf,fa_off (first = headline)")
     ap.add_argument("--torch-q8", action="store_true", help="also torch with llama.cpp's activation quantization")
     ap.add_argument("--no-extra-bufts", action="store_true",
                     help="load llama.cpp models with use_extra_bufts = false (no AMX / repacked weight "
