@@ -75,6 +75,19 @@ def test_pinned_llama_cpp_python_and_node_names(md):
                                f"(nodes seen: {sorted(set(names))[:20]} ...)")
 
 
+def test_run_uses_llama_cpps_flash_attention_default_except_for_exact_comparisons(md, sessions):
+    """`run` decodes with llama.cpp's default flash attention (auto); kv_f32 sessions, which the
+    torch comparisons here use, keep it off (docs/runtime.md)."""
+    s = Session(md, backend="llama.cpp", n_ctx=64, n_threads=1)
+    try:
+        assert s.backend.flash_attn is None
+        a = s.generate(s.backend.tokenize("The capital of France is"), 6, Sampler(temp=0.0), ignore_eos=True)
+        assert len(a.tokens) == 6
+    finally:
+        s.close()
+    assert sessions[0].backend.flash_attn is False
+
+
 def test_tokenizers_agree(sessions):
     lb, tb = sessions
     for text in (TEXT, "Hello world!  Numbers 12345; symbols @#$.", "<|im_start|>user\nhi<|im_end|>\n", " x"):

@@ -272,6 +272,7 @@ class LlamaCppBackend(Backend):
         cparams.n_threads = threads
         cparams.n_threads_batch = threads
         cparams.no_perf = True
+        self.flash_attn = flash_attn             # None: llama.cpp's default (auto)
         cparams.flash_attn_type = (ll.LLAMA_FLASH_ATTN_TYPE_AUTO if flash_attn is None     # llama.cpp's default
                                    else ll.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
                                    else ll.LLAMA_FLASH_ATTN_TYPE_DISABLED)
