@@ -202,8 +202,8 @@ class Session:
                     backbone, sidecar=self.sidecar, overrides=stack, adapter=adapter,
                     n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, kv_f32=kv_f32, log=log,
                     n_seq=n_seq, flash_attn=False if kv_f32 else None)
-            # flash attention: llama.cpp's default (auto: on for the CPU), ~7 % faster decode on
-            # the default model (bench/decode_cost.py); off with kv_f32, the exact-comparison mode
+                # flash attention: llama.cpp's default (auto: on for the CPU), ~7 % faster decode
+                # on the default model (bench/decode_cost.py); off with kv_f32 (exact comparisons)
             except (FileNotFoundError, PermissionError, llama_backend.LlamaCppError) as exc:
                 raise RunError(str(exc)) from None
         else:
