@@ -243,7 +243,12 @@ class LlamaCppBackend(Backend):
         self.n_ctx = n_ctx                      # positions per sequence
         self.n_seq = n_seq
         self.n_batch = max(1, min(int(n_batch), n_ctx * n_seq))
+        # Default threads: half the cores for one-token decodes (memory-bound: more threads only
+        # add synchronisation on a shared machine), all of them for batches of several tokens
+        # (prompt chunks, several sequences' steps: compute-bound). llama.cpp picks n_threads
+        # for a one-token ubatch and n_threads_batch otherwise. An explicit -t sets both.
         threads = int(n_threads) if n_threads else max(1, (os.cpu_count() or 2) // 2)
+        threads_batch = int(n_threads) if n_threads else max(1, os.cpu_count() or 2)
 
         if sidecar is not None:
             cfg = SimpleNamespace(**sidecar.settings)
@@ -270,7 +275,7 @@ class LlamaCppBackend(Backend):
         cparams.n_seq_max = n_seq
         cparams.kv_unified = True                # split_simple: llama.cpp keeps the batch's row order
         cparams.n_threads = threads
-        cparams.n_threads_batch = threads
+        cparams.n_threads_batch = threads_batch
         cparams.no_perf = True
         self.flash_attn = flash_attn             # None: llama.cpp's default (auto)
         cparams.flash_attn_type = (ll.LLAMA_FLASH_ATTN_TYPE_AUTO if flash_attn is None     # llama.cpp's default
