@@ -44,6 +44,9 @@ class FitSettings:
     late: int = 80                  # steps after which a component stops as soon as every answer
     late_margin: float = 0.5        # of it wins by late_margin (a bound on the rare facts whose
                                     # chat forms pull against each other without end)
+    plateau: int = 20               # ... or, after `late` steps, once its least margin has not
+                                    # improved (by 0.05) for this many steps: a component of
+                                    # facts that pull apart, whose loss swings without settling
     recheck: int = 3                # an item that met its margin rests, looked at again every
                                     # this many steps (0: every item of an unfinished component
                                     # runs every step)

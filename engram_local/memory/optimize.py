@@ -69,6 +69,7 @@ class Optimisation:
         failing_since: dict[int, int] = {}
         fair_since: dict[int, int] = {}            # component -> step it was first fair at
         started: dict[int, int] = {}               # component -> step it first ran at
+        best_least: dict[int, tuple] = {}          # component -> (its best least margin, step)
         gave_up: set[int] = set()                  # items of components that stopped short
         step = 0
         checks = 0
@@ -135,7 +136,12 @@ class Optimisation:
                 started.setdefault(c, step)
                 if fair:
                     fair_since.setdefault(c, step)
-                late = step - started[c] >= s.late and comp_least.get(c, -1.0) >= s.late_margin
+                least = comp_least.get(c, -1.0)
+                if least > best_least.get(c, (-np.inf, 0))[0] + 0.05:
+                    best_least[c] = (least, step)
+                late = step - started[c] >= s.late and (
+                    least >= s.late_margin                                   # good enough, or
+                    or step - best_least.get(c, (0, step))[1] >= s.plateau)  # no better for long
                 if late or (fair and step - fair_since[c] >= s.patience):
                     newly.append(c)
                     gave_up.update(i for i in active if comp[i] == c)
@@ -182,7 +188,7 @@ class Optimisation:
                 for i in range(len(items)):
                     still[comp[i]] = still.get(comp[i], True) and i in was_done
                 done = untrainable() | {c for c, ok in still.items() if ok}
-                failing_since, fair_since, started, verify = {}, {}, {}, set()
+                failing_since, fair_since, started, verify, best_least = {}, {}, {}, set(), {}
         if bar is not None:
             bar.close()
         self._store(param, values)
