@@ -318,20 +318,14 @@ def run_setting(model, skill: bool, overrides: list[str], prompts: list[str], n:
         s = Session(model, overrides=overrides, backend="llama.cpp", skill=skill, n_threads=threads,
                     log=log, **kw)
         if v == "fa_off":               # `run` before session 6: flash attention off
-            s.backend.close()
-            s.backend = llama_backend.LlamaCppBackend(s.model_dir.backbone_gguf(skill), sidecar=s.sidecar,
-                                                      overrides=s.overrides, n_threads=threads,
-                                                      flash_attn=False, log=log)
+            s.use_backend(llama_backend.LlamaCppBackend(s.model_dir.backbone_gguf(skill), sidecar=s.sidecar,
+                                                        overrides=s.overrides, n_threads=threads,
+                                                        flash_attn=False, log=log))
         if v == "f32_gguf":
             src = s.model_dir.backbone_gguf(skill)
             path = f32_copy(src, work / f"{src.stem}-f32.gguf")
-            s.backend.close()
-            s.backend = llama_backend.LlamaCppBackend(path, sidecar=s.sidecar, overrides=s.overrides,
-                                                      n_threads=threads, kv_f32=True, log=log)
-        if v in ("fa_off", "f32_gguf"):    # the session's engine decodes through the new backend
-            from engram_local.runtime.engine import Engine
-
-            s.engine = Engine(s.backend, encode=s.encode, sidecar=s.sidecar, log=log)
+            s.use_backend(llama_backend.LlamaCppBackend(path, sidecar=s.sidecar, overrides=s.overrides,
+                                                        n_threads=threads, kv_f32=True, log=log))
         llama_sessions[v] = s
     rows = {(lv, tv): [] for lv in llama_sessions for tv in torch_sessions}
     tokenizer_mismatch = 0

@@ -88,6 +88,23 @@ def test_run_uses_llama_cpps_flash_attention_default_except_for_exact_comparison
     assert sessions[0].backend.flash_attn is False
 
 
+def test_use_backend_decodes_through_the_new_backend(md):
+    """Session.use_backend swaps the backend under the engine (the old one is closed)."""
+    s = Session(md, backend="llama.cpp", n_ctx=64, n_threads=1, kv_f32=True)
+    ref = Session(md, backend="llama.cpp", n_ctx=64, n_threads=1, kv_f32=True)
+    try:
+        old = s.backend
+        s.use_backend(llama_backend.LlamaCppBackend(s.model_dir.backbone_gguf(True), sidecar=s.sidecar,
+                                                    overrides=s.overrides, n_ctx=64, n_threads=1, kv_f32=True))
+        assert s.backend is not old and s.engine.backend is s.backend
+        ids = ref.backend.tokenize("The capital of France is")
+        got = s.generate(ids, 5, Sampler(temp=0.0), ignore_eos=True).tokens
+        assert got == ref.generate(ids, 5, Sampler(temp=0.0), ignore_eos=True).tokens
+    finally:
+        s.close()
+        ref.close()
+
+
 def test_tokenizers_agree(sessions):
     lb, tb = sessions
     for text in (TEXT, "Hello world!  Numbers 12345; symbols @#$.", "<|im_start|>user\nhi<|im_end|>\n", " x"):

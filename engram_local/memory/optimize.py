@@ -17,6 +17,11 @@ import torch.nn.functional as F
 from engram_local.memory.batching import index
 
 
+# A component's least margin counts as improved when it rises by more than this (the plateau stop,
+# FitSettings.plateau): smaller moves are the swing of items pulling apart, not progress.
+PLATEAU_GAIN = 0.05
+
+
 class Optimisation:
     """Fits the values of a Placement's entries over the items, through one Batches."""
 
@@ -137,11 +142,11 @@ class Optimisation:
                 if fair:
                     fair_since.setdefault(c, step)
                 least = comp_least.get(c, -1.0)
-                if least > best_least.get(c, (-np.inf, 0))[0] + 0.05:
+                if c not in best_least or least > best_least[c][0] + PLATEAU_GAIN:
                     best_least[c] = (least, step)
                 late = step - started[c] >= s.late and (
-                    least >= s.late_margin                                   # good enough, or
-                    or step - best_least.get(c, (0, step))[1] >= s.plateau)  # no better for long
+                    least >= s.late_margin                               # good enough, or
+                    or step - best_least[c][1] >= s.plateau)             # no better for long
                 if late or (fair and step - fair_since[c] >= s.patience):
                     newly.append(c)
                     gave_up.update(i for i in active if comp[i] == c)

@@ -294,6 +294,18 @@ class Session:
                      f"{len(stream.tokens)} generated tokens")
         return Generation(text.finish(), stream.tokens, stream.finish_reason, stream.timings)
 
+    def use_backend(self, backend) -> None:
+        """Decode through `backend` from now on (e.g. another build of the same model, as
+        bench/agreement.py's variants): the current backend is closed and the engine rebuilt
+        over the new one."""
+        old, self.engine = self.engine, Engine(backend, max_queue=self.engine.max_queue, encode=self.encode,
+                                               sidecar=self.sidecar, log=self.log)
+        old.close()
+        close = getattr(self.backend, "close", None)
+        if close:
+            close()
+        self.backend = backend
+
     def reset(self) -> None:
         self.backend.reset()
 
