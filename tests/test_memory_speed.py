@@ -9,6 +9,7 @@ import torch
 from engram_local.formats.eov import read_memory_file
 from engram_local.memory import facade as memory
 from engram_local.memory.facade import NewFact, open_overrides
+from engram_local.memory.batching import buckets, split
 from engram_local.memory.items import conflicting_contexts
 from engram_local.memory.placement import letter_tokens, mark_rare
 from engram_local.memory.prefix import sequence_trie
@@ -113,6 +114,49 @@ def test_fast_batch_logits_follow_the_fp32_ones(model):
     for i in sel:
         assert np.all(m_fast[i] >= m_full[i] - 0.5) or np.all(m_fast[i] < items[i].need)
 
+
+
+def test_buckets_split_for_the_workers():
+    class It:
+        def __init__(self, n):
+            self.ids, self.start = list(range(n)), 0
+    items = [It(n) for n in (3, 3, 3, 3, 60)]
+    sel = list(range(len(items)))
+    groups = buckets(items, sel)
+    assert groups == [[0, 1, 2, 3], [4]]
+    # the largest group that has two items is halved; the halves keep their group
+    assert split(items, groups, 3) == [([0, 1], [0, 1, 2, 3]), ([2, 3], [0, 1, 2, 3]), ([4], [4])]
+    # a lone item cannot be split further
+    assert split(items, [[4]], 2) == [([4], [4])]
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_buckets_on_worker_threads_equal_one_thread(model, fast):
+    """Batches.run on 2 worker threads (one OpenMP thread each): the same loss, margins and
+    gradient as on the calling thread, and torch's own thread count is left as it was."""
+    em, tok, _ = model
+    f = Fitter(em, tok, FitSettings())
+    items = f.items_for(contexts_facts(tok))
+    f.model.capture(items, fast=fast)
+    entries = {}
+    for it in items:
+        t = int(it.tpos[0])
+        for c in f.hi_cols[:2]:
+            entries.setdefault((int(it.rows[t, c]), int(it.keys[t, c])), len(entries))
+    vals = np.random.default_rng(0).standard_normal((len(entries), em.cfg.head_dim)).astype(np.float32)
+    f.batches.restage(items, entries)
+    sel = list(range(len(items)))
+    threads = torch.get_num_threads()
+    out = {}
+    for workers in (1, 2):
+        p = torch.nn.Parameter(torch.from_numpy(vals.copy()))
+        loss, margins = f.batches.run(items, sel, p, backward=True, fast=fast, workers=workers)
+        out[workers] = loss, margins, p.grad.clone()
+    (l1, m1, g1), (l2, m2, g2) = out[1], out[2]
+    assert l1 == pytest.approx(l2, rel=1e-4)
+    assert all(np.allclose(m1[i], m2[i], atol=1e-3) for i in sel)
+    assert torch.allclose(g1, g2, atol=1e-4, rtol=1e-3)
+    assert torch.get_num_threads() == threads
 
 def test_rare_scores_are_cached(model):
     em, tok, _ = model

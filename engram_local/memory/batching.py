@@ -5,7 +5,9 @@ prefix's forward.
 
 from __future__ import annotations
 
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -84,6 +86,61 @@ def buckets(items, sel, overhead: int = 96, max_tokens: int = 6144):
     return out
 
 
+def split(items, groups, at_least: int) -> list[tuple[list, list]]:
+    """(part, its group) pairs: the largest group of two or more items halved until there are
+    `at_least` parts (one per worker, `Batches.run`) or none can be split. Even a step of three
+    items runs faster split (0.08 against 0.10-0.17 s per step on 2 cores). A part keeps its
+    group's candidate tokens (`Batches.batch`), so a step's loss is the same however it is
+    split."""
+    out = [(g, g) for g in groups]
+    while len(out) < at_least:
+        two = [b for b in range(len(out)) if len(out[b][0]) > 1]
+        if not two:
+            break
+        big = max(two, key=lambda b: _padded(items, out[b][0]))
+        g, parent = out.pop(big)
+        out[big:big] = [(g[:len(g) // 2], parent), (g[len(g) // 2:], parent)]
+    return out
+
+
+def _padded(items, group) -> int:
+    return len(group) * max(len(items[i].ids) - items[i].start for i in group)
+
+
+# ---------------------------------------------------------------- buckets on worker threads
+# Why: a step is thousands of small ops (each bucket's suffix through 14 layers, forward and
+# backward). Split over OpenMP threads, every op wakes the thread team, and under
+# OMP_WAIT_POLICY=passive (what `run` sets, what shared cores want) the wake-ups cost more than
+# the split gains. bench/writer_threads.py (docs/writespeed.md, "Threads") on 2 cores, the
+# forward and backward of a 40-statement fit's first 40 bf16 batches: 2 OpenMP threads 11.0 s,
+# 1 thread 9.6 s, the buckets on 2 Python threads with 1 OpenMP thread each 4.7 s (torch
+# releases the interpreter lock inside its ops).
+
+_POOL: dict = {}
+_POOL_LOCK = threading.Lock()
+
+
+def _single_threaded():
+    """Pool worker initializer: this thread's torch ops run on one OpenMP thread."""
+    torch.get_num_threads()     # torch's lazy per-thread setup first: it would undo the next line
+    torch.set_num_threads(1)
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    with _POOL_LOCK:
+        pool = _POOL.get(workers)
+        if pool is None:
+            n = torch.get_num_threads()
+            pool = ThreadPoolExecutor(workers, thread_name_prefix="engram-writer", initializer=_single_threaded)
+            # every worker started and set up now (each waits for the others, so the pool must
+            # start them all), then torch's process-wide count back for threads started later
+            barrier = threading.Barrier(workers)
+            list(pool.map(lambda _: barrier.wait(timeout=60), range(workers)))
+            torch.set_num_threads(n)
+            _POOL[workers] = pool
+        return pool
+
+
 class Batches:
     """Suffix batches over one FrozenPrefix, cached until the entries change (`restage`).
 
@@ -95,6 +152,7 @@ class Batches:
         self.timing = timing
         self._cache: dict = {}
         self.extra: set[int] = set()
+        self._lock = threading.Lock()
 
     def restage(self, items, entries, sel=None, fixed=None) -> np.ndarray:
         """Index the items against `entries` (components through the entries not in `fixed`
@@ -117,18 +175,19 @@ class Batches:
             return
         self.extra |= new
         add = torch.tensor(sorted(new), dtype=torch.long)
-        for (_, fast, _), bt in self._cache.items():
+        for (_, fast, _, _), bt in self._cache.items():
             if fast and "cand" in bt:
                 gold = bt["cand"][bt["tgt"]]
                 cand = torch.unique(torch.cat([bt["cand"], add]))
                 bt["cand"], bt["cand_w"] = cand, self.model.fast.lm_weight[cand]
                 bt["tgt"] = torch.searchsorted(cand, gold)
 
-    def batch(self, items, sel, fast: bool = False, guards: bool = True):
+    def batch(self, items, sel, fast: bool = False, guards: bool = True, cand_from=None):
         """Padded suffix tensors of the items `sel` (indices): positions from each item's first
         overridden look-up on, its cached prefix (attention keys/values, conv state), a mask
         that hides padding, and where its targets sit. `fast`: for the bf16 copies, with logits
-        over the batch's candidate tokens (its items' it.cand and `extra`)."""
+        over the batch's candidate tokens (it.cand of its items, or of the items `cand_from`,
+        and `extra`)."""
         m = self.model
         its = [items[i] for i in sel]
         B = len(its)
@@ -182,7 +241,8 @@ class Batches:
         else:
             bt.update(prefix={m.wl + li: (pk[li], pv[li]) for li in range(n_layers)}, mask=mask)
         if fast and plain:
-            cand = np.unique(np.concatenate([it.cand for it in its] +
+            from_ = sel if cand_from is None else cand_from
+            cand = np.unique(np.concatenate([items[i].cand for i in from_] +
                                             [np.fromiter(self.extra, np.int64, len(self.extra))]))
             cand = torch.from_numpy(cand)
             bt["cand"] = cand
@@ -191,7 +251,7 @@ class Batches:
         return bt
 
     @torch.no_grad()
-    def _confirm(self, items, bucket, bt, m):
+    def _confirm(self, items, bucket, bt, m, cand, tgt):
         """Margins over candidates that pass are recomputed over the whole vocabulary (a rival
         outside the candidates would pass unseen); rivals found join the candidates."""
         rows, k = [], 0
@@ -204,7 +264,7 @@ class Batches:
             return m
         r = torch.tensor(rows)
         full = torch.nn.functional.linear(bt["normed"][r], self.model.fast.lm_weight).float()
-        gold = bt["cand"][bt["tgt"][r]]
+        gold = cand[tgt[r]]
         fm, _ = self.model.margins(full, gold)
         rival = full.scatter(1, gold[:, None], float("-inf")).argmax(1).numpy()
         missed = fm < m[rows] - 1e-3
@@ -213,42 +273,64 @@ class Batches:
         self.add_candidates(rival[missed])
         return m
 
-    def cached(self, items, sel, fast: bool = False, guards: bool = True):
-        key = (tuple(sel), fast, guards)
+    def cached(self, items, sel, fast: bool = False, guards: bool = True, cand_from=None):
+        key = (tuple(sel), fast, guards, None if cand_from is None else tuple(cand_from))
         bt = self._cache.get(key)
         if bt is None:
             if len(self._cache) > 64:
                 self._cache.clear()
-            bt = self._cache[key] = self.batch(items, sel, fast, guards)
+            bt = self._cache[key] = self.batch(items, sel, fast, guards, cand_from)
         return bt
 
-    def run(self, items, sel, values, backward: bool, scale: float = 1.0, fast: bool = False):
+    def run(self, items, sel, values, backward: bool, scale: float = 1.0, fast: bool = False,
+            workers: int | None = None):
         """(loss, {item: margins of its targets}) over `sel`, bucketed; backward per bucket;
-        `fast`: through the bf16 copies, over candidate tokens."""
-        total, margins = 0.0, {}
-        for bucket in buckets(items, sel):
-            t0 = time.time()
-            bt = self.cached(items, bucket, fast, guards=backward)
+        `fast`: through the bf16 copies, over candidate tokens. The buckets' forward and
+        backward run on `workers` threads (default: torch's thread count), one OpenMP thread
+        each (see above); gradients add up in `values.grad`."""
+        workers = max(1, torch.get_num_threads() if workers is None else int(workers))
+        if not self.model.plain:      # the model's own layers: not known to be thread-safe
+            workers = 1
+        t0 = time.time()
+        staged = [(part, self.cached(items, part, fast, guards=backward, cand_from=group))
+                  for part, group in split(items, buckets(items, sel), workers)]
+        self._add("batch", time.time() - t0)
+
+        def work(bt):
             t1 = time.time()
             logits = self.model.forward(bt, values)
             loss = F.cross_entropy(logits, bt["tgt"], reduction="sum") * scale
             t2 = time.time()
             if backward:
                 loss.backward()
-            t3 = time.time()
-            for k, v in (("batch", t1 - t0), ("forward", t2 - t1), ("backward", t3 - t2)):
-                self.timing[k] = self.timing.get(k, 0.0) + v
+            self._add("forward", t2 - t1)
+            self._add("backward", time.time() - t2)
+            # the candidates as this forward saw them (a bucket's post-processing below may add
+            # candidates to the cached batches)
+            return logits.detach(), float(loss.detach()), bt["tgt"], bt.get("cand")
+
+        bts = [bt for _, bt in staged]
+        t0 = time.time()
+        # one bucket runs on a worker too: one OpenMP thread beats a woken team at this size
+        done = list(_pool(workers).map(work, bts)) if workers > 1 else list(map(work, bts))
+        self._add("compute", time.time() - t0)
+        total, margins = 0.0, {}
+        for (bucket, bt), (logits, loss, tgt, cand) in zip(staged, done):
             self.timing["tokens"] = self.timing.get("tokens", 0) + bt["h"].shape[0] * bt["S"]
-            total += float(loss.detach())
-            m, _ = self.model.margins(logits.detach(), bt["tgt"])
+            total += loss
+            m, _ = self.model.margins(logits, tgt)
             if not fast:          # the full vocabulary's runner-ups join the fast candidates
-                rival = logits.detach().scatter(1, bt["tgt"][:, None], float("-inf")).argmax(1)
+                rival = logits.scatter(1, tgt[:, None], float("-inf")).argmax(1)
                 self.add_candidates(rival.numpy())
-            elif "cand" in bt:
-                m = self._confirm(items, bucket, bt, m)
+            elif cand is not None:
+                m = self._confirm(items, bucket, bt, m, cand, tgt)
             k = 0
             for i, n_guard in zip(bucket, bt["ng"]):
                 n = len(items[i].tpos)
                 margins[i] = m[k:k + n]          # targets only: guards never block convergence
                 k += n + n_guard
         return total, margins
+
+    def _add(self, key: str, secs: float) -> None:
+        with self._lock:
+            self.timing[key] = self.timing.get(key, 0.0) + secs
