@@ -26,12 +26,15 @@ The memory is written with the CLI, as a user would: the paper's prompt rule ove
   kv_f32     F32 KV cache (Session(kv_f32=True))
   f32_gguf   diagnostic: llama.cpp over an F32 copy of the setting's GGUF (every quantized weight
              dequantized), F32 KV: no matmul quantizes its activations, which isolates that effect
+  f16_gguf   the option of a half-precision backbone: every matrix of the setting's GGUF
+             dequantized and stored as F16 (ggml rounds matmul inputs to F16, not to 8-bit
+             blocks), otherwise as `run`; torch keeps the quantized weights
 and --torch-q8 adds, as a diagnostic, the torch model with llama.cpp's activation quantization
 emulated (each quantized matmul's input rounded to Q8_1 / Q8_0 blocks of 32, with ggml's rounding,
 including Q8_1's separately rounded block sum), compared with every llama.cpp variant.
 
     OMP_WAIT_POLICY=passive python bench/agreement.py [-m MODEL_DIR] [--prompts 50] [-n 32] \\
-        [-t 2] [--variants run,kv_f16,kv_f32,f32_gguf] [--torch-q8] [--json OUT.json] [--markdown docs/agreement.md]
+        [-t 2] [--variants run,kv_f16,kv_f32,f32_gguf,f16_gguf,fa_off] [--torch-q8] [--json OUT.json] [--markdown docs/agreement.md]
 """
 
 from __future__ import annotations
@@ -165,8 +168,9 @@ def no_extra_bufts() -> None:
     low.llama_model_default_params = llama_cpp.llama_model_default_params = params
 
 
-def f32_copy(src: Path, dest: Path) -> Path:
-    """`dest`: the GGUF `src` with every tensor dequantized to F32 (llama.cpp then multiplies in F32)."""
+def dequantized_copy(src: Path, dest: Path, half: bool = False) -> Path:
+    """`dest`: the GGUF `src` with every tensor dequantized to F32 (llama.cpp then multiplies in
+    F32), or with `half` every matrix stored as F16 (vectors stay F32)."""
     import gguf
 
     if dest.is_file():
@@ -179,7 +183,8 @@ def f32_copy(src: Path, dest: Path) -> Path:
         kind = gguf.GGMLQuantizationType(t.tensor_type)
         w = (np.asarray(t.data, np.float32) if kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
              else gguf.quants.dequantize(t.data, kind).astype(np.float32))
-        writer.add_tensor(t.name, np.ascontiguousarray(w.reshape([int(x) for x in reversed(t.shape)])))
+        w = w.reshape([int(x) for x in reversed(t.shape)])
+        writer.add_tensor(t.name, np.ascontiguousarray(w.astype(np.float16) if half and w.ndim > 1 else w))
     writer.write_header_to_file(Path(dest))
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -323,11 +328,17 @@ def run_setting(model, skill: bool, overrides: list[str], prompts: list[str], n:
                                                         flash_attn=False, log=log))
         if v == "f32_gguf":
             src = s.model_dir.backbone_gguf(skill)
-            path = f32_copy(src, work / f"{src.stem}-f32.gguf")
+            path = dequantized_copy(src, work / f"{src.stem}-f32.gguf")
             s.use_backend(llama_backend.LlamaCppBackend(path, sidecar=s.sidecar, overrides=s.overrides,
                                                         n_threads=threads, kv_f32=True, log=log))
+        if v == "f16_gguf":
+            src = s.model_dir.backbone_gguf(skill)
+            path = dequantized_copy(src, work / f"{src.stem}-f16.gguf", half=True)
+            s.use_backend(llama_backend.LlamaCppBackend(path, sidecar=s.sidecar, overrides=s.overrides,
+                                                        n_threads=threads, log=log))
         llama_sessions[v] = s
     rows = {(lv, tv): [] for lv in llama_sessions for tv in torch_sessions}
+    gen_s = {lv: 0.0 for lv in llama_sessions}       # greedy generation time (prompt included)
     tokenizer_mismatch = 0
     try:
         for i, p in enumerate(prompts):
@@ -336,7 +347,9 @@ def run_setting(model, skill: bool, overrides: list[str], prompts: list[str], n:
             tokenizer_mismatch += ids != ref.backend.tokenize(p)
             gens_t = {tv: generate(ts, ids, n) for tv, ts in torch_sessions.items()}
             for lv, ls in llama_sessions.items():
+                t0 = time.perf_counter()
                 gen_l = generate(ls, ids, n)
+                gen_s[lv] += time.perf_counter() - t0
                 seq = ids + gen_l
                 la = teacher_forced(ls, seq, len(ids))
                 for tv, ts in torch_sessions.items():
@@ -351,6 +364,7 @@ def run_setting(model, skill: bool, overrides: list[str], prompts: list[str], n:
         for s in (*torch_sessions.values(), *llama_sessions.values()):
             s.close()
     return {"tokenizer_mismatches": tokenizer_mismatch,
+            "generation_tok_s": {lv: round(len(prompts) * n / max(t, 1e-9), 1) for lv, t in gen_s.items()},
             "pairs": {f"{lv} vs {tv}": dict(summarize(rs), prompts=rs) for (lv, tv), rs in rows.items()}}
 
 
@@ -384,6 +398,9 @@ def markdown(res: dict) -> str:
                 s = st["pairs"][pair]
                 out.append(f"| {name} | {pair} | {s['token_agreement']:.1%} | {s['max_logit_diff']:.3f} | "
                            f"{s['median_max_logit_diff']:.3f} | {s['tf_argmax_agreement']:.1%} |")
+        out += ["", "llama.cpp greedy generation, tokens/s (prompt included, one process, read the ratios): " +
+                "; ".join(f"{name}: " + ", ".join(f"{v} {t}" for v, t in st.get("generation_tok_s", {}).items())
+                          for name, st in res["settings"].items())]
     return "\n".join(out) + "\n"
 
 
@@ -395,7 +412,7 @@ def main(argv=None) -> int:
     ap.add_argument("-t", "--threads", type=int, default=None)
     ap.add_argument("--user", type=Path, default=USER_FILE, help="user file of the memory (paper schema)")
     ap.add_argument("--settings", default="skill,skill+memory,no-skill,no-skill+memory")
-    ap.add_argument("--variants", default="run", help="llama.cpp: run,kv_f16,kv_f32,f32_gguf,fa_off (first = headline)")
+    ap.add_argument("--variants", default="run", help="llama.cpp: run,kv_f16,kv_f32,f32_gguf,f16_gguf,fa_off (first = headline)")
     ap.add_argument("--torch-q8", action="store_true", help="also torch with llama.cpp's activation quantization")
     ap.add_argument("--no-extra-bufts", action="store_true",
                     help="load llama.cpp models with use_extra_bufts = false (no AMX / repacked weight "

@@ -276,3 +276,15 @@ def test_forget_refits_only_what_the_dropped_rows_reach(model, tmp_path):
     # the forgotten prompt behaves as without memory
     stacks = open_overrides([path], fp)
     assert greedy_text(em, tok, "w50 w51 w52", 3, stacks) == greedy_text(em, tok, "w50 w51 w52", 3)
+
+
+def test_plateau_stop_ends_a_component_that_stops_improving(model):
+    """After `late` steps a component whose least margin has not improved for `plateau` steps
+    stops (FitSettings.plateau): facts whose prompts contain each other and go on differently
+    can never all reach an unreachable margin; without the stop they run to max_steps."""
+    em, tok, _ = model
+    facts = [FactIn("a", ["w10 w11 w12"], "w40 w41"), FactIn("b", ["w10 w11 w12 w13"], "w50 w51"),
+             FactIn("c", ["w20 w11 w12"], "w60 w61"), FactIn("d", ["w10 w11"], "w70")]
+    never = dict(late=0, late_margin=1e9, margin=50.0, context_margin=50.0, max_steps=40)
+    assert Fitter(em, tok, FitSettings(plateau=10**6, **never)).fit(facts).steps == 40
+    assert Fitter(em, tok, FitSettings(plateau=3, **never)).fit(facts).steps < 40

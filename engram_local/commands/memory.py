@@ -65,7 +65,8 @@ def _progress(quiet: bool):
 @click.option("--value-type", type=click.Choice(["f16", "f32"]), default=None,
               help="Type of the stored rows (default f16, or the existing file's).")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Fitting steps at most (>= 1).")
-@click.option("-t", "--threads", type=click.IntRange(min=1), default=None, help="CPU threads for torch.")
+@click.option("-t", "--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads for torch; the fit runs its batches on this many threads at once (default: all cores).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def remember(model, out_file, statements, prompts, answers, jsonl, user_json, paraphrases, method,
              value_type, max_steps, threads, quiet):
