@@ -18,14 +18,12 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 USERS = HERE.parent.parent / "shared" / "data" / "user-as-engram" / "users"
-ENV = dict(os.environ, OMP_WAIT_POLICY="passive")
 
 
 def f16_model_dir(src: Path, dest: Path) -> Path:
@@ -43,16 +41,6 @@ def f16_model_dir(src: Path, dest: Path) -> Path:
     return dest
 
 
-def chat_recall(model_dir: Path, eov: Path, questions: list[dict], work: Path) -> int:
-    q = work / "chat.jsonl"
-    q.write_text("".join(json.dumps({"prompt": x["question"], "chat": True}) + "\n" for x in questions))
-    out = subprocess.run(["engram-local", "run", "-m", str(model_dir), "--overrides", str(eov),
-                          "--prompts-jsonl", str(q), "-n", "24", "--temp", "0"],
-                         capture_output=True, text=True, env=ENV, check=True).stdout
-    replies = [json.loads(line)["completion"] for line in out.splitlines() if line.strip()]
-    return sum(str(x["answer"]).lower() in r.lower() for x, r in zip(questions, replies))
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--users", default="u000,u001,u002,u003,u004")
@@ -60,6 +48,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     sys.path.insert(0, str(HERE))
     from agreement import write_memory
+    from writespeed import completion_recall
 
     from engram_local.runtime.loader import ModelDir, resolve
 
@@ -72,9 +61,11 @@ def main(argv=None) -> int:
         for u in args.users.split(","):
             user_file = USERS / f"{u}.json"
             eov, _, n = write_memory(work, None, user_file)
-            qs = json.loads(user_file.read_text())["direct_qa"]
-            res[u] = {"questions": len(qs), "default": chat_recall(Path(default.path), eov, qs, work),
-                      "f16": chat_recall(half, eov, qs, work)}
+            qs = [{"prompt": q["question"], "answer": str(q["answer"])}
+                  for q in json.loads(user_file.read_text())["direct_qa"]]
+            res[u] = {"questions": len(qs)}
+            for name, model_dir in (("default", Path(default.path)), ("f16", half)):
+                res[u][name] = completion_recall(eov, qs, work, n=24, chat=True, model=model_dir)
             print(u, json.dumps(res[u]), flush=True)
     tot = {k: sum(r[k] for r in res.values()) for k in ("questions", "default", "f16")}
     print(f"\nchat recall: default backbone {tot['default']}/{tot['questions']}, "

@@ -117,12 +117,16 @@ def synthetic_facts(n: int, seed: int = 0):
     return out
 
 
-def completion_recall(path: Path, facts: list[dict], work: Path) -> int:
-    """How many answers `engram-local run --overrides path` completes (as contracts.py does)."""
+def completion_recall(path: Path, facts: list[dict], work: Path, n: int = 12, chat: bool = False,
+                      model: Path | None = None) -> int:
+    """How many answers `engram-local run --overrides path` gives to the facts' prompts (as
+    contracts.py does: completion, 12 tokens; `chat`: each prompt one chat turn)."""
     q = work / "q.jsonl"
-    q.write_text("".join(json.dumps({"prompt": f["prompt"]}) + "\n" for f in facts))
-    out = subprocess.run(["engram-local", "run", "--overrides", str(path), "--prompts-jsonl", str(q),
-                          "-n", "12", "--temp", "0"], capture_output=True, text=True, env=ENV, check=True)
+    q.write_text("".join(json.dumps({"prompt": f["prompt"], **({"chat": True} if chat else {})}) + "\n"
+                         for f in facts))
+    out = subprocess.run(["engram-local", "run", *(["-m", str(model)] if model else []), "--overrides", str(path),
+                          "--prompts-jsonl", str(q), "-n", str(n), "--temp", "0"],
+                         capture_output=True, text=True, env=ENV, check=True)
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
     return sum(f["answer"].lower() in r["completion"].lower() for f, r in zip(facts, rows))
 

@@ -89,16 +89,22 @@ def test_trie_capture_equals_whole_capture(model, fast):
     assert sum(s.hi - s.lo for s in segs.values()) < sum(len(it.ids) for it in a)
 
 
-def test_fast_batch_logits_follow_the_fp32_ones(model):
-    em, tok, _ = model
-    f = Fitter(em, tok, FitSettings())
-    items = f.items_for(contexts_facts(tok))
-    f.model.capture(items)
+def first_target_entries(f, items) -> dict:
+    """Entries {(row, key): index} at each item's first target, two heads: a small fit's rows."""
     entries = {}
     for it in items:
         t = int(it.tpos[0])
         for c in f.hi_cols[:2]:
             entries.setdefault((int(it.rows[t, c]), int(it.keys[t, c])), len(entries))
+    return entries
+
+
+def test_fast_batch_logits_follow_the_fp32_ones(model):
+    em, tok, _ = model
+    f = Fitter(em, tok, FitSettings())
+    items = f.items_for(contexts_facts(tok))
+    f.model.capture(items)
+    entries = first_target_entries(f, items)
     vals = torch.from_numpy(np.random.default_rng(0).standard_normal((len(entries), em.cfg.head_dim))
                             .astype(np.float32) * 3)
     f.batches.restage(items, entries)
@@ -138,11 +144,7 @@ def test_buckets_on_worker_threads_equal_one_thread(model, fast):
     f = Fitter(em, tok, FitSettings())
     items = f.items_for(contexts_facts(tok))
     f.model.capture(items, fast=fast)
-    entries = {}
-    for it in items:
-        t = int(it.tpos[0])
-        for c in f.hi_cols[:2]:
-            entries.setdefault((int(it.rows[t, c]), int(it.keys[t, c])), len(entries))
+    entries = first_target_entries(f, items)
     vals = np.random.default_rng(0).standard_normal((len(entries), em.cfg.head_dim)).astype(np.float32)
     f.batches.restage(items, entries)
     sel = list(range(len(items)))
