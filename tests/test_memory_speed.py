@@ -290,3 +290,15 @@ def test_plateau_stop_ends_a_component_that_stops_improving(model):
     never = dict(late=0, late_margin=1e9, margin=50.0, context_margin=50.0, max_steps=40)
     assert Fitter(em, tok, FitSettings(plateau=10**6, **never)).fit(facts).steps == 40
     assert Fitter(em, tok, FitSettings(plateau=3, **never)).fit(facts).steps < 40
+
+
+def test_give_up_ends_a_component_that_keeps_creeping(model):
+    """A component stops `give_up` steps after its items first ran, whatever its margins do
+    (FitSettings.give_up): the plateau stop never fires for a large component whose least
+    margin keeps creeping up; without the limit it runs to max_steps."""
+    em, tok, _ = model
+    facts = [FactIn("a", ["w10 w11 w12"], "w40 w41"), FactIn("b", ["w10 w11 w12 w13"], "w50 w51"),
+             FactIn("c", ["w20 w11 w12"], "w60 w61"), FactIn("d", ["w10 w11"], "w70")]
+    never = dict(late=10**6, late_margin=1e9, plateau=10**6, margin=50.0, context_margin=50.0, max_steps=40)
+    assert Fitter(em, tok, FitSettings(give_up=0, **never)).fit(facts).steps == 40
+    assert Fitter(em, tok, FitSettings(give_up=12, **never)).fit(facts).steps <= 13

@@ -47,6 +47,11 @@ class FitSettings:
     plateau: int = 20               # ... or, after `late` steps, once its least margin has not
                                     # improved (by 0.05) for this many steps: a component of
                                     # facts that pull apart, whose loss swings without settling
+    give_up: int = 160              # ... or once it has run this many steps since any of its
+                                    # items first ran (growth and re-checks do not restart it): a
+                                    # large component that creeps (least margin rising by more
+                                    # than the plateau's gain, never reaching late_margin) would
+                                    # otherwise run to max_steps; 0 = no limit
     recheck: int = 3                # an item that met its margin rests, looked at again every
                                     # this many steps (0: every item of an unfinished component
                                     # runs every step)

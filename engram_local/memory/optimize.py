@@ -81,6 +81,7 @@ class Optimisation:
         bar = self.progress(total=s.max_steps) if self.progress else None
         passed: dict[int, int] = {}     # item -> the step it last met its margin at
         verify: set[int] = set()        # components to evaluate whole at the next step
+        first_ran: dict[int, int] = {}  # item -> the step it first ran at (kept across restages)
         while step < s.max_steps:
             active = [i for i, it in enumerate(items) if it.train and comp[i] not in done]
             if not active:
@@ -119,8 +120,12 @@ class Optimisation:
             comp_whole: dict[int, bool] = {}
             comp_fair: dict[int, bool] = {}
             comp_least: dict[int, float] = {}
+            comp_first: dict[int, int] = {}
             for i in active:
                 c = comp[i]
+                if i in ran:
+                    first_ran.setdefault(i, step)
+                comp_first[c] = min(comp_first.get(c, step), first_ran.get(i, step))
                 comp_ok[c] = comp_ok.get(c, True) and i in passed
                 comp_whole[c] = comp_whole.get(c, True) and i in ran
                 comp_fair[c] = comp_fair.get(c, True) and (i in passed or (
@@ -147,7 +152,8 @@ class Optimisation:
                 late = step - started[c] >= s.late and (
                     least >= s.late_margin                               # good enough, or
                     or step - best_least[c][1] >= s.plateau)             # no better for long
-                if late or (fair and step - fair_since[c] >= s.patience):
+                capped = s.give_up > 0 and step - comp_first[c] >= s.give_up
+                if late or capped or (fair and step - fair_since[c] >= s.patience):
                     newly.append(c)
                     gave_up.update(i for i in active if comp[i] == c)
             # entries only converged components or resting items read keep the values that passed
