@@ -10,7 +10,7 @@ from engram_local.formats.eov import read_memory_file
 from engram_local.memory import facade as memory
 from engram_local.memory.facade import NewFact, open_overrides
 from engram_local.memory.batching import buckets, split
-from engram_local.memory.items import conflicting_contexts
+from engram_local.memory.items import conflicting_contexts, with_article_forms
 from engram_local.memory.placement import letter_tokens, mark_rare
 from engram_local.memory.prefix import sequence_trie
 from engram_local.memory.writer import FactIn, FitSettings, Fitter
@@ -48,6 +48,13 @@ def test_contradicted_contexts_are_left_out():
     # the same prompt with another answer, and a prompt another fact's words go on from
     # differently, are left out on both sides; own prompts never; agreeing answers stay
     assert conflicting_contexts(facts) == {(0, 0), (1, 0), (2, 0), (3, 0)}
+    # an article form ("I'm" -> "a vegetarian", with_article_forms) gives way to the other
+    # fact's form it contradicts ("I'm allergic to"); that one stays
+    facts = with_article_forms([FactIn("g", ["I'm a"], "vegetarian", contexts=[(lead, "I'm a")]),
+                                FactIn("h", ["I'm allergic to"], "penicillin", contexts=[(lead, "I'm allergic to")]),
+                                FactIn("i", ["My car is a"], "Subaru", contexts=[(lead, "My car is a")])])
+    assert facts[0].contexts[1] == (lead, "I'm", "a") and facts[2].contexts[1] == (lead, "My car is", "a")
+    assert conflicting_contexts(facts) == {(0, 1)}
 
 
 def test_sequence_trie_covers_every_sequence_once():
@@ -302,3 +309,26 @@ def test_give_up_ends_a_component_that_keeps_creeping(model):
     never = dict(late=10**6, late_margin=1e9, plateau=10**6, margin=50.0, context_margin=50.0, max_steps=40)
     assert Fitter(em, tok, FitSettings(give_up=0, **never)).fit(facts).steps == 40
     assert Fitter(em, tok, FitSettings(give_up=12, **never)).fit(facts).steps <= 13
+
+
+def test_a_prompt_ending_in_an_article_is_also_fitted_with_the_article_said(model):
+    """FitSettings.article_forms (on by default): a chat context whose prompt ends in "a" / "an" / "the" is also
+    fitted with the article as the answer's first word ("My usual coffee order is" -> "a cold
+    brew"): a reply that goes on past the prompt's last content word reads rows there too. The
+    bare prompts (completion) are not changed."""
+    em, tok, _ = model
+    lead = ids(tok, "<|im_start|> w90 w91 <|im_end|> <|im_start|>")
+    facts = [FactIn("x", ["w30 w31 a"], "w40 w41", contexts=[(lead, "w30 w31 a")]),
+             FactIn("y", ["w50 w51"], "w60", contexts=[(lead, "w50 w51")])]
+    off = Fitter(em, tok, FitSettings(article_forms=False)).items_for(facts)
+    on = Fitter(em, tok, FitSettings()).items_for(facts)
+    assert len(on) == len(off) + 1
+    new = [it for it in on if not any(it.ids == o.ids and list(it.ttok) == list(o.ttok) for o in off)]
+    assert len(new) == 1 and new[0].fact == 0
+    assert list(new[0].ids[:len(lead)]) == list(lead)
+    assert list(new[0].ttok) == list(ids(tok, "a w40 w41"))
+    assert list(new[0].ids[len(lead):]) == list(ids(tok, "w30 w31 a w40"))
+    f = Fitter(em, tok, FitSettings())
+    res = f.fit(facts)
+    assert res.recalled == {"x": True, "y": True}
+    assert all(f.final_margins[i].min() > 0 for i in range(len(f.live)))

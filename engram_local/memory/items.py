@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -71,6 +71,9 @@ class FitSettings:
                                     # the first; the others join when the final check fails)
     drop_conflicts: bool = True     # leave out chat contexts another fact contradicts
                                     # (items.conflicting_contexts)
+    article_forms: bool = True      # a chat context whose prompt ends in an article is also
+                                    # fitted with the article said as the answer's first word:
+                                    # replies skip or keep it ("... order is black" vs "... is a")
     fast: bool = True               # optimizer steps through bf16 copies of the later layers
                                     # (prefix.FrozenPrefix.fast); every check stays fp32
     seed: int = 0
@@ -84,9 +87,10 @@ class FactIn:
     answer: str
     keep_out: bool = False          # a forgotten fact: make its prompt behave as without rows
     keep_out_tokens: list | None = None
-    contexts: list = field(default_factory=list)   # (lead ids, prompt): the prompt after a lead
-                                    # where no row may go, e.g. a chat turn reciting the fact
-                                    # (text.facts.chat_contexts; the lead holds its sequence start)
+    contexts: list = field(default_factory=list)   # (lead ids, prompt[, said]): the prompt after a
+                                    # lead where no row may go, e.g. a chat turn reciting the fact
+                                    # (text.facts.chat_contexts; the lead holds its sequence start);
+                                    # `said`: words said before the answer (with_article_forms)
 
 
 @dataclass
@@ -177,27 +181,48 @@ def conflicting_contexts(facts: list[FactIn]) -> set[tuple[int, int]]:
     profession is a" -> "graphic designer"). The two cannot both hold (the rows are keyed on the
     words before the answer); fitting them would take every step the fit may take and break
     the facts' own prompts. A fact's own prompts are never left out."""
-    forms = []          # (fact index, context index or -1, prompt words, answer words)
+    forms = []          # (fact index, context index or -1, prompt words, answer words, optional)
     for fi, f in enumerate(facts):
         if f.keep_out:
             continue
         a = tuple(_norm(f.answer).split())
-        forms += [(fi, -1, tuple(_norm(p).split()), a) for p in f.prompts]
-        forms += [(fi, ci, tuple(_norm(p).split()), a) for ci, (_, p) in enumerate(f.contexts)]
+        forms += [(fi, -1, tuple(_norm(p).split()), a, False) for p in f.prompts]
+        forms += [(fi, ci, tuple(_norm(p).split()), tuple(_norm(" ".join(said)).split()) + a, bool(said))
+                  for ci, (_, p, *said) in enumerate(f.contexts)]
     by_prompt: dict[tuple, list] = {}
     for form in forms:
         by_prompt.setdefault(form[2], []).append(form)
     out = set()
-    for fb, cb, pb, ab in forms:
+    for fb, cb, pb, ab, ob in forms:
         seq = pb + ab
         for n in range(1, len(seq)):
-            for fa, ca, pa, aa in by_prompt.get(seq[:n], ()):
+            for fa, ca, pa, aa, oa in by_prompt.get(seq[:n], ()):
                 if fa == fb or aa == ab or seq[n:n + 1] == aa[:1]:
                     continue
-                if ca >= 0:
+                # a form with words said before the answer (with_article_forms) is optional:
+                # it gives way, the other stays
+                if ca >= 0 and (oa or not ob):
                     out.add((fa, ca))
-                if cb >= 0:
+                if cb >= 0 and (ob or not oa):
                     out.add((fb, cb))
+    return out
+
+
+ARTICLES = ("a", "an", "the")
+
+
+def with_article_forms(facts: list[FactIn]) -> list[FactIn]:
+    """`facts` with one more chat context for each context whose prompt ends in an article: the
+    prompt without it, the article said as the answer's first word (lead, "My usual coffee order
+    is", "a"): a reply may go on past "is" with or without it."""
+    out = []
+    for f in facts:
+        extra = []
+        for lead, prompt, *said in ([] if f.keep_out else f.contexts):
+            words = prompt.split()
+            if not said and len(words) > 1 and words[-1].casefold() in ARTICLES:
+                extra.append((lead, prompt[:prompt.rstrip().rindex(words[-1])].rstrip(), words[-1]))
+        out.append(replace(f, contexts=list(f.contexts) + extra) if extra else f)
     return out
 
 
@@ -206,14 +231,18 @@ def items_for(tok, facts: list[FactIn], s: FitSettings) -> list[Item]:
     context (its lead ids already hold the runtime's start) but those another fact contradicts
     (`conflicting_contexts`, with `s.drop_conflicts`)."""
     starts = sequence_starts(tok, s)
+    if s.article_forms:
+        facts = with_article_forms(facts)
     skip = conflicting_contexts(facts) if s.drop_conflicts else set()
     items = []
     for fi, f in enumerate(facts):
-        leads = [(None, prompt) for prompt in f.prompts]
-        leads += [(tuple(lead), prompt) for ci, (lead, prompt) in enumerate([] if f.keep_out else f.contexts)
+        leads = [(None, prompt, "") for prompt in f.prompts]
+        leads += [(tuple(lead), prompt, "".join(said))
+                  for ci, (lead, prompt, *said) in enumerate([] if f.keep_out else f.contexts)
                   if (fi, ci) not in skip]
-        for lead, prompt in leads:
-            p, a = answer_tokens(tok, prompt, f.answer)
+        for lead, prompt, said in leads:
+            # words said before the answer are the answer's first words: "... is" -> "a cold brew"
+            p, a = answer_tokens(tok, prompt, said + join_answer(said, f.answer) if said else f.answer)
             if f.keep_out:
                 a = list(f.keep_out_tokens or [])[:len(a)]
                 if not a:
