@@ -312,10 +312,10 @@ def test_give_up_ends_a_component_that_keeps_creeping(model):
 
 
 def test_a_prompt_ending_in_an_article_is_also_fitted_with_the_article_said(model):
-    """FitSettings.article_forms (on by default): a chat context whose prompt ends in "a" / "an" / "the" is also
-    fitted with the article as the answer's first word ("My usual coffee order is" -> "a cold
-    brew"): a reply that goes on past the prompt's last content word reads rows there too. The
-    bare prompts (completion) are not changed."""
+    """FitSettings.article_forms (on by default): a chat context whose prompt ends in "a" / "an"
+    / "the" is also fitted with the article as the answer's first word ("My usual coffee order
+    is" -> "a cold brew"): a reply that goes on past the prompt's last content word reads rows
+    there too. The bare prompts (completion) are not changed."""
     em, tok, _ = model
     lead = ids(tok, "<|im_start|> w90 w91 <|im_end|> <|im_start|>")
     facts = [FactIn("x", ["w30 w31 a"], "w40 w41", contexts=[(lead, "w30 w31 a")]),

@@ -173,6 +173,12 @@ def _norm(text: str) -> str:
     return " ".join(text.split()).casefold()
 
 
+def context_parts(ctx) -> tuple:
+    """(lead ids, prompt, said) of a FactIn context; `said` is "" unless with_article_forms
+    made it."""
+    return (ctx[0], ctx[1], ctx[2] if len(ctx) > 2 else "")
+
+
 def conflicting_contexts(facts: list[FactIn]) -> set[tuple[int, int]]:
     """(fact index, context index) of the chat contexts another fact contradicts: after the
     context's prompt, another fact's prompt or context (with another answer) goes on with other
@@ -187,8 +193,9 @@ def conflicting_contexts(facts: list[FactIn]) -> set[tuple[int, int]]:
             continue
         a = tuple(_norm(f.answer).split())
         forms += [(fi, -1, tuple(_norm(p).split()), a, False) for p in f.prompts]
-        forms += [(fi, ci, tuple(_norm(p).split()), tuple(_norm(" ".join(said)).split()) + a, bool(said))
-                  for ci, (_, p, *said) in enumerate(f.contexts)]
+        for ci, ctx in enumerate(f.contexts):
+            _, p, said = context_parts(ctx)
+            forms.append((fi, ci, tuple(_norm(p).split()), tuple(_norm(said).split()) + a, bool(said)))
     by_prompt: dict[tuple, list] = {}
     for form in forms:
         by_prompt.setdefault(form[2], []).append(form)
@@ -218,7 +225,7 @@ def with_article_forms(facts: list[FactIn]) -> list[FactIn]:
     out = []
     for f in facts:
         extra = []
-        for lead, prompt, *said in ([] if f.keep_out else f.contexts):
+        for lead, prompt, said in map(context_parts, [] if f.keep_out else f.contexts):
             words = prompt.split()
             if not said and len(words) > 1 and words[-1].casefold() in ARTICLES:
                 extra.append((lead, prompt[:prompt.rstrip().rindex(words[-1])].rstrip(), words[-1]))
@@ -237,8 +244,8 @@ def items_for(tok, facts: list[FactIn], s: FitSettings) -> list[Item]:
     items = []
     for fi, f in enumerate(facts):
         leads = [(None, prompt, "") for prompt in f.prompts]
-        leads += [(tuple(lead), prompt, "".join(said))
-                  for ci, (lead, prompt, *said) in enumerate([] if f.keep_out else f.contexts)
+        leads += [(tuple(lead), prompt, said)
+                  for ci, (lead, prompt, said) in enumerate(map(context_parts, [] if f.keep_out else f.contexts))
                   if (fi, ci) not in skip]
         for lead, prompt, said in leads:
             # words said before the answer are the answer's first words: "... is" -> "a cold brew"
