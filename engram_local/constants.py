@@ -93,6 +93,10 @@ ADAPTER_GENERAL_TYPE = "adapter"                # value of general.type
 KEY_ADAPTER_TYPE = "adapter.type"
 ADAPTER_TYPE_LORA = "lora"
 KEY_ADAPTER_LORA_ALPHA = "adapter.lora.alpha"   # float32
+# The chat replies `remember` fits each fact in for this adapter (memory.facade.fact_inputs): a
+# string array of CHAT_FORM_NAMES, set by train-skill from its recipe; absent = ("recite",).
+KEY_ADAPTER_CHAT_FORMS = "engram_local.chat_forms"
+CHAT_FORM_NAMES = ("recite", "echo")
 TENSOR_LORA_A = "{base}.lora_a"                 # [r, in] (numpy), base = backbone tensor name
 TENSOR_LORA_B = "{base}.lora_b"                 # [out, r]
 

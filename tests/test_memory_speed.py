@@ -311,6 +311,23 @@ def test_give_up_ends_a_component_that_keeps_creeping(model):
     assert Fitter(em, tok, FitSettings(give_up=12, **never)).fit(facts).steps <= 13
 
 
+def test_give_up_chat_ends_a_component_whose_prompts_are_done(model):
+    """FitSettings.give_up_chat: a component whose prompts all give their answers with their
+    full margin stops `give_up_chat` steps after its items first ran, however far its chat forms
+    still are from theirs; while a prompt falls short it goes on (to `give_up`)."""
+    em, tok, _ = model
+    lead = ids(tok, "<|im_start|> w90 w91 <|im_end|> <|im_start|>")
+    facts = [FactIn("a", ["w10 w11 w12"], "w40 w41", contexts=[(lead, "w10 w11 w12")]),
+             FactIn("b", ["w20 w21"], "w50", contexts=[(lead, "w20 w21")])]
+    never = dict(late=10**6, late_margin=1e9, plateau=10**6, patience=10**6, fair=1e9, give_up=0,
+                 context_margin=50.0, max_steps=40)
+    assert Fitter(em, tok, FitSettings(give_up_chat=0, **never)).fit(facts).steps == 40
+    res = Fitter(em, tok, FitSettings(give_up_chat=8, **never)).fit(facts)
+    assert res.steps <= 12
+    unreachable = dict(never, margin=50.0)
+    assert Fitter(em, tok, FitSettings(give_up_chat=8, **unreachable)).fit(facts).steps == 40
+
+
 def test_a_prompt_ending_in_an_article_is_also_fitted_with_the_article_said(model):
     """FitSettings.article_forms (on by default): a chat context whose prompt ends in "a" / "an"
     / "the" is also fitted with the article as the answer's first word ("My usual coffee order

@@ -94,6 +94,20 @@ def test_echo_contexts_are_chat_turns_up_to_the_reply(chat_tok):
     assert prefix == "I live in"
 
 
+def test_echo_contexts_leave_out_a_reply_that_forks_from_a_kept_one(chat_tok):
+    """"My doctor's name is" goes on from "My doctor" with other words than the fact's own
+    "My doctor is": rows at the shared words would lead both replies one way, so only the first
+    is fitted; replies that share one token ("My") are not forks."""
+    from engram_local.text.questions import _forks
+
+    assert _forks([1, 2, 3], [1, 2, 4, 5]) and not _forks([1, 2], [1, 2, 3]) and not _forks([1, 5], [1, 6])
+    ctx = echo_contexts([F("f1", "My doctor is", "Dr. Krause")], chat_tok, per_fact=4)["f1"]
+    replies = [p for _, p in ctx]
+    assert replies[0] == "My doctor is" and "My doctor's name is" not in replies and len(replies) > 1
+    ids = [chat_tok(p, add_special_tokens=False)["input_ids"] for p in replies]
+    assert not any(_forks(a, b) for i, a in enumerate(ids) for b in ids[:i])
+
+
 def test_echo_samples_mask_only_the_value(chat_tok):
     from engram_local.train.natural import echo_samples
     from engram_local.train.skill import Tokens

@@ -13,7 +13,8 @@ import torch
 
 from engram_local.model import lora
 from engram_local.memory.facade import NewFact
-from engram_local.train.skill import SkillSettings, Tokens, build_samples, recitations, train_skill, user_files
+from engram_local.train.skill import (ECHO_KINDS, RECITE_KINDS, SkillSettings, Tokens, build_samples, recitations,
+                                      train_skill, user_files)
 from tests.runtime_fixtures import shared_model_dir
 from tests.tiny import tiny_backbone
 
@@ -110,7 +111,7 @@ def test_samples_put_the_loss_on_the_reply_only(md, users_dir):
     from engram_local.runtime.loader import load_model
 
     _, tok, _ = load_model(md)
-    s = SkillSettings()
+    s = SkillSettings(kinds=RECITE_KINDS)
     samples = build_samples(user_files([users_dir]), tok, s)
     kinds = {k: [x for x in samples if x.kind == k] for k in s.kinds}
     assert [len(kinds[k]) for k in ("fact", "chat", "qa", "reason")] == [6, 4, 4, 2]
@@ -129,6 +130,87 @@ def test_samples_put_the_loss_on_the_reply_only(md, users_dir):
     assert tok.decode([i for i, lab in zip(reason.ids, reason.labels) if lab != -100]) == " 46"
 
 
+def test_keep_samples_are_the_models_own_answer_to_plain_questions(md, users_dir):
+    """The "keep" kind: each indirect question as "Q:/A:", its reply whatever `complete` (the
+    model without the adapter) says there, in the loss; without `complete` it is an error."""
+    from engram_local.runtime.loader import load_model
+
+    _, tok, _ = load_model(md)
+    s = SkillSettings(kinds=("keep",), keep_tokens=3)
+    seen = []
+
+    def complete(ids, n):
+        seen.append(list(ids))
+        return [7, 8, 9][:n]
+
+    samples = build_samples(user_files([users_dir]), tok, s, complete=complete)
+    assert len(samples) == len(seen) == 2 and {x.kind for x in samples} == {"keep"}
+    t = Tokens(tok)
+    for x, ctx in zip(samples, seen):
+        assert x.ids == ctx + [7, 8, 9] and x.labels == [-100] * len(ctx) + [7, 8, 9]
+        assert ctx[:len(t.bos)] == t.bos and tok.decode(ctx[len(t.bos):]).startswith("Q: How old is my ")
+        assert tok.decode(ctx).endswith("?\nA:")
+    with pytest.raises(ValueError, match="need the model"):
+        build_samples(user_files([users_dir]), tok, s)
+
+
+def test_the_adapter_names_the_chat_forms_memories_are_fitted_in(md, users_dir, tmp_path):
+    """train-skill writes its recipe's chat forms into the adapter GGUF; the loader hands them
+    to `remember` (facade.fact_inputs); an adapter without the key keeps the recite forms."""
+    from engram_local import constants
+    from engram_local.convert.adapter import write_lora_adapter
+    from engram_local.formats.header import GGUFFormatError, scan_gguf
+    from engram_local.formats.lora_adapter import adapter_chat_forms
+    from engram_local.memory import facade
+    from engram_local.train.skill import chat_forms
+
+    assert chat_forms(RECITE_KINDS) == ("recite",) and chat_forms(ECHO_KINDS) == ("echo",)
+    assert SkillSettings().kinds == ECHO_KINDS and not SkillSettings().rows      # the shipped recipe
+    s = SkillSettings(steps=1, batch=2, kinds=("fact", "echo"), rows=False, echo_people=2)
+    out = tmp_path / "echo.gguf"
+    train_skill(out, model=md, users=[users_dir], settings=s, peft_out=tmp_path / "peft", threads=1,
+                progress=False, log=lambda m: None)
+    assert adapter_chat_forms(out) == ("echo",)
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["engram_local"]["chat_forms"] == ["echo"]
+
+    # the loader: a MODEL_DIR with this adapter fits echo forms, one with an older adapter recite
+    from engram_local.runtime.loader import load_model
+
+    md2 = tmp_path / "md"
+    md2.mkdir()
+    for f in ("backbone.gguf", "engram.gguf"):
+        shutil.copy(md / f, md2 / f)
+    shutil.copy(out, md2 / "adapter.gguf")
+    em, tok, _ = load_model(md2)
+    assert em.chat_forms == ("echo",)
+    fact = [NewFact("My dog is called", "Rex", "f1")]
+    want = facade.fact_inputs(fact, em, tok, forms=("echo",))[0].contexts
+    assert want and facade.fact_inputs(fact, em, tok)[0].contexts == want
+    assert facade.fact_inputs(fact, em, tok, forms=("recite",))[0].contexts != want
+
+    cfg_path = tmp_path / "peft" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    del cfg["engram_local"]["chat_forms"]
+    cfg_path.write_text(json.dumps(cfg))
+    header = scan_gguf(md / "backbone.gguf")
+    from engram_local.convert import registry
+
+    arch = registry.for_gguf(header.architecture)
+    write_lora_adapter(tmp_path / "peft", arch, arch.config_from_gguf(header.fields), md2 / "adapter.gguf")
+    assert adapter_chat_forms(md2 / "adapter.gguf") is None
+    em, tok, _ = load_model(md2)
+    assert em.chat_forms is None
+    assert facade.fact_inputs(fact, em, tok)[0].contexts == facade.fact_inputs(fact, em, tok, forms=("recite",))[0].contexts
+
+    cfg["engram_local"]["chat_forms"] = ["shout"]
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="chat_forms"):
+        write_lora_adapter(tmp_path / "peft", arch, arch.config_from_gguf(header.fields), tmp_path / "bad.gguf")
+    with pytest.raises(GGUFFormatError, match="not a LoRA adapter|adapter"):
+        adapter_chat_forms(md / "backbone.gguf")
+    assert constants.KEY_ADAPTER_CHAT_FORMS.startswith("engram_local.")
+
+
 def test_user_files_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such"):
         user_files([tmp_path / "missing"])
@@ -144,7 +226,7 @@ def test_train_skill_writes_a_llama_cpp_adapter_that_matches_torch(md, users_dir
     from engram_local.formats.lora_adapter import read_lora_adapter
     from engram_local.runtime.session import Session
 
-    s = SkillSettings(steps=4, batch=3, lr=5e-3)
+    s = SkillSettings(steps=4, batch=3, lr=5e-3, kinds=RECITE_KINDS, rows=True)
     out = tmp_path / "skill.gguf"
     rep = train_skill(out, model=md, users=[users_dir], settings=s, work_dir=tmp_path / "rows",
                       peft_out=tmp_path / "peft", threads=1, progress=False, log=lambda m: None)

@@ -157,7 +157,9 @@ def _format_engram(e: dict) -> list[str]:
 
 def _format_adapter(a: dict) -> list[str]:
     return [f"LoRA for {a['architecture']}, alpha {a['alpha']:g}, rank {'/'.join(map(str, a['ranks']))}, "
-            f"{a['n_weights']} weights ({', '.join(a['targets'])}), {_size(a['size_bytes'])}"]
+            f"{a['n_weights']} weights ({', '.join(a['targets'])}), {_size(a['size_bytes'])}",
+            f"memories are fitted in its {' + '.join(a.get('chat_forms') or ['recite'])} replies"
+            + ("" if a.get("chat_forms") else " (not recorded: an adapter from before the key)")]
 
 
 def _format(info: dict) -> str:

@@ -21,12 +21,13 @@ from engram_local.commands.common import MODEL_HELP
 @click.option("--lr", type=float, default=None, help="Adam learning rate (default 1e-3).")
 @click.option("--rank", type=int, default=None, help="LoRA rank (default 16; alpha = 2 x rank).")
 @click.option("--kinds", default=None,
-              help="Sample kinds, comma-separated, from fact,reason,chat,qa,irecite,fchat,echo,prose "
-                   "(default: fact,reason,chat,qa, the shipped recite recipe; the echo recipe is "
-                   "--kinds fact,reason,fchat,echo,prose --no-rows, and prose needs the corpus: "
-                   "scripts/build_corpus.py).")
-@click.option("--rows/--no-rows", default=True, show_default=True,
-              help="Train with each training user's facts written as Engram rows and attached.")
+              help="Sample kinds, comma-separated, from fact,reason,chat,qa,irecite,fchat,echo,prose,keep "
+                   "(default: fact,reason,fchat,echo,prose,keep, the shipped echo recipe; prose needs "
+                   "the corpus: scripts/build_corpus.py. The earlier recite recipe is "
+                   "--kinds fact,reason,chat,qa --rows).")
+@click.option("--rows/--no-rows", default=False, show_default=True,
+              help="Train with each training user's facts written as Engram rows and attached "
+                   "(the recite recipe; the echo recipe masks the values instead).")
 @click.option("--chat-rows", is_flag=True,
               help="Fit the training users' rows in chat form too, as `remember` does with an adapter.")
 @click.option("--seed", type=int, default=None, help="Seed of the sample order and the LoRA init (default 42).")
@@ -41,16 +42,17 @@ def train_skill(model, out_file, users, steps, batch, lr, rank, kinds, rows, cha
                 peft_out, threads, quiet, as_json):
     """Train the shared skill adapter: one LoRA for every user.
 
-    The shipped (recite) recipe teaches the model to answer questions about the user by first
-    saying the remembered fact in the words it was written ("Who is my doctor?" -> "My primary
-    doctor is Dr. Krause."), with each training user's facts written as rows and attached. The
-    echo recipe (--kinds fact,reason,fchat,echo,prose --no-rows) teaches it to turn the question
-    into its statement instead ("My doctor is ..."), the value left to the rows, which
-    `remember` also fits in those replies; see docs/skill.md for what each measured.
+    The shipped (echo) recipe teaches the model to answer a question about the user by turning
+    it into its statement ("Remind me what my pet is called?" -> "My pet is called ..."), the
+    value left to the user's rows, while keeping the model's own prose and plain "Q:/A:"
+    answers. The adapter records the replies it answers in, and `remember` fits every fact in
+    those replies. The recite recipe (--kinds fact,reason,chat,qa --rows) answers by saying the
+    fact in the words it was written instead; docs/skill.md has what each measured.
 
     \b
     Examples:
-      engram-local train-skill -o skill.gguf
+      python scripts/build_corpus.py --out data/corpus     # the prose samples' text, once
+      engram-local train-skill -o skill.gguf -t 2
       engram-local train-skill -o skill.gguf --users my-users/ --steps 800
     Use it by placing it in a MODEL_DIR as adapter.gguf (run and remember pick it up; run
     --no-skill leaves it out).

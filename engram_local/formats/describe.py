@@ -15,7 +15,7 @@ import numpy as np
 from engram_local import constants
 from engram_local.formats.header import ArraySummary, GGUFHeader
 from engram_local.formats.eov import read_memory_file
-from engram_local.formats.lora_adapter import check_lora_header
+from engram_local.formats.lora_adapter import check_lora_header, header_chat_forms
 from engram_local.formats.sidecar import Sidecar
 
 
@@ -74,6 +74,7 @@ def describe_adapter(header: GGUFHeader) -> dict:
         "n_weights": len(bases), "size_bytes": header.file_size,
         # blk.3.attn_q.weight -> attn_q: which projections it adapts
         "targets": sorted({b.split(".")[-2] if b.startswith("blk.") else b for b in bases}),
+        "chat_forms": list(header_chat_forms(header) or ()),    # [] = not recorded (recite)
     }
 
 

@@ -37,6 +37,26 @@ class LoraAdapter:
         return self.alpha / rank if self.alpha else 1.0
 
 
+def adapter_chat_forms(path: str | os.PathLike) -> tuple[str, ...] | None:
+    """The chat forms an adapter's memories are fitted in (KEY_ADAPTER_CHAT_FORMS), None when
+    the adapter does not say (adapters written before the key: the recite recipe)."""
+    header = scan_gguf(path)
+    check_lora_header(header)
+    return header_chat_forms(header)
+
+
+def header_chat_forms(header: GGUFHeader) -> tuple[str, ...] | None:
+    """adapter_chat_forms of a scanned adapter header."""
+    forms = header.fields.get(constants.KEY_ADAPTER_CHAT_FORMS)
+    if forms is None:
+        return None
+    if not isinstance(forms, (list, tuple)) or not forms or \
+            any(f not in constants.CHAT_FORM_NAMES for f in forms):
+        raise GGUFFormatError(f"{header.path}: {constants.KEY_ADAPTER_CHAT_FORMS} = {forms!r}; expected "
+                              f"a non-empty list of {', '.join(constants.CHAT_FORM_NAMES)}")
+    return tuple(forms)
+
+
 def check_lora_header(header: GGUFHeader) -> float:
     """Validate an adapter's keys as llama.cpp's loader does; returns alpha."""
     if header.general_type != constants.ADAPTER_GENERAL_TYPE:

@@ -260,7 +260,8 @@ def _next_ids(taken: set[str], n: int) -> list[str]:
     return out
 
 
-# The chat replies each fact is fitted in when the model carries the skill adapter:
+# The chat replies each fact is fitted in when the model carries the skill adapter, as the
+# adapter says (constants.KEY_ADAPTER_CHAT_FORMS, set by train-skill; CHAT_FORMS when it does not):
 # "recite" - the fact said in its written words after two stand-in questions (text.facts);
 # "echo"   - the reply that echoes a question made from the fact's words (text.questions), the
 #            form the adapter is trained to answer in (train.skill kind "echo").
@@ -270,7 +271,8 @@ ECHO_FORMS_PER_FACT = 4
 
 def fact_inputs(facts, em, tok, chat: bool | None = None, forms: Sequence[str] | None = None) -> list:
     """The writer's FactIn of ledger or new facts. With `chat` (default: when `em` carries the
-    skill adapter) each fact is also fitted in the chat replies of `forms` (CHAT_FORMS)."""
+    skill adapter) each fact is also fitted in the chat replies of `forms` (default: the adapter's
+    own, else CHAT_FORMS)."""
     from engram_local.memory.writer import FactIn
     from engram_local.text.questions import echo_contexts
 
@@ -278,7 +280,7 @@ def fact_inputs(facts, em, tok, chat: bool | None = None, forms: Sequence[str] |
         chat = getattr(em, "skill_adapter", None) is not None
     contexts: dict = {}
     if chat:
-        forms = CHAT_FORMS if forms is None else tuple(forms)
+        forms = tuple(forms or getattr(em, "chat_forms", None) or CHAT_FORMS)
         parts = ([chat_contexts(facts, tok)] if "recite" in forms else []) + \
                 ([echo_contexts(facts, tok, ECHO_FORMS_PER_FACT)] if "echo" in forms else [])
         for part in parts:
@@ -461,14 +463,20 @@ def remember(path: str | os.PathLike, new: Iterable[NewFact], em, tok, fingerpri
 
 def greedy(em, tok, prompt: str, n: int, stacks=None) -> list[int]:
     """n greedy tokens after `prompt` (full forward per token; for short checks)."""
+    return greedy_ids(em, tok(prompt, add_special_tokens=False)["input_ids"], n)
+
+
+def greedy_ids(em, ids: Sequence[int], n: int, stop: Iterable[int] = ()) -> list[int]:
+    """Up to n greedy tokens after the token ids `ids`, ending after a token of `stop` (full
+    forward per token; for short checks and training targets)."""
     import torch
 
-    ids = tok(prompt, add_special_tokens=False)["input_ids"]
-    out = []
+    ids, out, stop = list(ids), [], set(stop)
     with torch.no_grad():
         for _ in range(n):
-            logits = em(torch.tensor([ids + out])).logits[0, -1]
-            out.append(int(logits.argmax()))
+            out.append(int(em(torch.tensor([ids + out])).logits[0, -1].argmax()))
+            if out[-1] in stop:
+                break
     return out
 
 

@@ -52,6 +52,11 @@ class FitSettings:
                                     # large component that creeps (least margin rising by more
                                     # than the plateau's gain, never reaching late_margin) would
                                     # otherwise run to max_steps; 0 = no limit
+    give_up_chat: int = 40          # ... or, once every prompt of it gives its answer with its
+                                    # full margin, this many steps since any of its items first
+                                    # ran: the chat forms still short of theirs are the slow tail
+                                    # (an echo reply after a question the rows cannot see, e.g.
+                                    # "My favourite football club is" -> "Olympique"; 0 = no limit
     recheck: int = 3                # an item that met its margin rests, looked at again every
                                     # this many steps (0: every item of an unfinished component
                                     # runs every step)

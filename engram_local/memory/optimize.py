@@ -121,6 +121,7 @@ class Optimisation:
             comp_fair: dict[int, bool] = {}
             comp_least: dict[int, float] = {}
             comp_first: dict[int, int] = {}
+            comp_prompts: dict[int, bool] = {}
             for i in active:
                 c = comp[i]
                 if i in ran:
@@ -130,6 +131,8 @@ class Optimisation:
                 comp_whole[c] = comp_whole.get(c, True) and i in ran
                 comp_fair[c] = comp_fair.get(c, True) and (i in passed or (
                     i in ran and item_min[i] >= self._fair(items[i])))
+                comp_prompts[c] = comp_prompts.get(c, True) and (
+                    items[i].need > s.margin or i in passed or (i in ran and item_min[i] >= items[i].need))
                 if i in ran:
                     comp_least[c] = min(comp_least.get(c, np.inf), item_min[i])
             # a component is done when all its items meet their margins at one evaluation
@@ -152,7 +155,8 @@ class Optimisation:
                 late = step - started[c] >= s.late and (
                     least >= s.late_margin                               # good enough, or
                     or step - best_least[c][1] >= s.plateau)             # no better for long
-                capped = s.give_up > 0 and step - comp_first[c] >= s.give_up
+                capped = s.give_up > 0 and step - comp_first[c] >= s.give_up or (
+                    s.give_up_chat > 0 and comp_prompts[c] and step - comp_first[c] >= s.give_up_chat)
                 if late or capped or (fair and step - fair_since[c] >= s.patience):
                     newly.append(c)
                     gave_up.update(i for i in active if comp[i] == c)
@@ -278,8 +282,10 @@ class Optimisation:
 
     @torch.no_grad()
     def final_check(self, items, facts, entries, vals) -> dict[str, bool]:
-        """{fact id: every form of the fact produces its whole answer greedily} with the values
-        rounded to the file's type (facts without items here: True)."""
+        """{fact id: every prompt of the fact, and at least one of its chat forms if it has any,
+        produces its whole answer greedily} with the values rounded to the file's type (facts
+        without items here: True). The chat forms stand in for questions nobody has asked yet:
+        one of them failing (`give_up_chat`) is no failure of the fact."""
         values = self.rounded(torch.from_numpy(vals)) if len(vals) else torch.zeros(0, self.model.d)
         recalled = {f.id: True for f in facts if not f.keep_out}
         last = getattr(self, "_checked", None)
@@ -289,8 +295,17 @@ class Optimisation:
         else:
             self.batches.restage(items, entries)
             _, margins = self.batches.run(items, list(range(len(items))), values, backward=False)
+        chat_ok: dict[str, bool] = {}
         for i, it in enumerate(items):
-            if margins[i].min() <= 0 and facts[it.fact].id in recalled:
-                recalled[facts[it.fact].id] = False
+            fid = facts[it.fact].id
+            if fid not in recalled:
+                continue
+            ok = bool(margins[i].min() > 0)
+            if it.need > self.s.margin:          # a chat form
+                chat_ok[fid] = chat_ok.get(fid, False) or ok
+            elif not ok:
+                recalled[fid] = False
+        for fid, ok in chat_ok.items():
+            recalled[fid] = recalled[fid] and ok
         self.final_margins = {i: margins[i] for i in range(len(items))}
         return recalled

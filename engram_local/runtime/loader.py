@@ -133,7 +133,7 @@ def _load_model_dir(md: ModelDir, overrides: OverrideStacks | None, adapter: boo
     import torch
 
     from engram_local.formats.header import GGUFFormatError, scan_gguf
-    from engram_local.formats.lora_adapter import read_lora_adapter
+    from engram_local.formats.lora_adapter import adapter_chat_forms, read_lora_adapter
     from engram_local.formats.sidecar import open_sidecar
     from engram_local.model.engram import EngramModel
 
@@ -158,6 +158,7 @@ def _load_model_dir(md: ModelDir, overrides: OverrideStacks | None, adapter: boo
 
     em = EngramModel(backbone, cfg, cmap, tables=False)
     em.skill_adapter = md.adapter if adapter else None     # memory fits chat forms with one
+    em.chat_forms = adapter_chat_forms(md.adapter) if em.skill_adapter else None   # ... these
     with torch.no_grad():
         for layer in cfg.layer_ids:
             state = {k: torch.from_numpy(v) for k, v in sidecar.layer_state(layer).items()}

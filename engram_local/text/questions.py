@@ -411,7 +411,10 @@ def echo_contexts(facts, tok, per_fact: int = 4) -> dict[str, list[tuple[tuple[i
     the assistant's reply (the runtime's tokens, `render_conversation`), the prefix after it.
     A reply prefix that two facts would both be fitted in ("My hobby is" for "I enjoy chess" and
     "I also enjoy pottery") is left out of both: the same words cannot key two answers; a fact's
-    own wording (its first form) is always kept."""
+    own wording (its first form) is always kept. So is a reply that goes on from the first two
+    or more tokens of one kept before with other words ("My doctor is" / "My doctor's name is"):
+    the rows at the shared words cannot lead on both ways, and would derail the first reply
+    ("My doctor's doctor is ..."); the question that reply answers gets the kept one."""
     from engram_local.text.chat import ChatVocab, render_conversation
 
     vocab = ChatVocab.of(tok)
@@ -422,10 +425,25 @@ def echo_contexts(facts, tok, per_fact: int = 4) -> dict[str, list[tuple[tuple[i
             claims[e] = claims.get(e, 0) + 1
     out = {}
     for f in facts:
-        kept = [(q, e) for i, (q, e) in enumerate(forms[f.id]) if i == 0 or claims[e.lower()] == 1][:per_fact]
+        kept, heads = [], []
+        for i, (q, e) in enumerate(forms[f.id]):
+            ids = tok(e, add_special_tokens=False)["input_ids"]
+            if i > 0 and (claims[e.lower()] > 1 or any(_forks(ids, h) for h in heads)):
+                continue
+            kept.append((q, e))
+            heads.append(ids)
+        kept = kept[:per_fact]
         out[f.id] = []
         for q, echo in kept:
             ids, _ = render_conversation(vocab, [{"role": "user", "content": q}, {"role": "assistant", "content": ""}],
                                          reply_open=True)
             out[f.id].append((tuple(ids), echo))
     return out
+
+
+def _forks(a: list[int], b: list[int]) -> bool:
+    """Whether token sequences a and b share their first two or more tokens, then differ."""
+    k = 0
+    while k < min(len(a), len(b)) and a[k] == b[k]:
+        k += 1
+    return 2 <= k < min(len(a), len(b))

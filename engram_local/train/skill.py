@@ -45,7 +45,12 @@ from engram_local.text.user_files import user_files as text_user_files
 DEFAULT_USERS_DIR = constants.SKILL_USERS_DIR
 
 
-KINDS = ("fact", "reason", "chat", "qa", "irecite", "echo", "prose", "fchat")
+KINDS = ("fact", "reason", "chat", "qa", "irecite", "echo", "prose", "fchat", "keep")
+# The two recipes (docs/skill.md). echo (shipped): the reply echoes the question as a statement
+# and the rows say the value; keep holds plain "Q:/A:" answers where the model had them, prose
+# its text. recite (shipped before, with rows=True): the reply recites the fact's written words.
+ECHO_KINDS = ("fact", "reason", "fchat", "echo", "prose", "keep")
+RECITE_KINDS = ("fact", "reason", "chat", "qa")
 # kinds not tied to a training user: their samples come in batches of their own pseudo-users,
 # with no rows attached
 _POOLED = {"echo": "echo", "prose": "prose"}
@@ -62,11 +67,11 @@ class SkillSettings:
     warmup: int = 20                      # linear warm-up steps
     max_len: int = 192                    # tokens per sample at most (longer samples are dropped)
     seed: int = 42                        # sample order and LoRA init
-    rows: bool = True                     # attach each training user's Engram rows while training
+    rows: bool = False                    # attach each training user's Engram rows while training
                                           # (the recite recipe; the echo recipe masks values instead)
     chat_rows: bool = False               # fit those rows in chat form too (measured worse)
-    kinds: tuple = ("fact", "reason", "chat", "qa")  # the shipped (recite) recipe; the echo recipe:
-                                          # fact,reason,fchat,echo,prose with rows=False (docs/skill.md)
+    kinds: tuple = ECHO_KINDS             # the shipped (echo) recipe; RECITE_KINDS with rows=True
+                                          # is the recite recipe (docs/skill.md)
     reason_per_user: int = 20             # indirect "Facts/Q/A" samples per user (paper: up to 20)
     echo_people: int = 300                # echo: synthetic people (train.natural), 3 questions per fact
     echo_pools: int = 10                  # echo: pseudo-users their batches are drawn as
@@ -74,6 +79,7 @@ class SkillSettings:
     prose_tokens: int = 128               # prose: tokens per chunk
     prose_pools: int = 5                  # prose: pseudo-users their batches are drawn as
     corpus: str = "data/corpus/train.txt"  # prose: the corpus text (scripts/build_corpus.py)
+    keep_tokens: int = 16                 # keep: greedy tokens of the model's own answer kept
 
 
 @dataclass
@@ -82,6 +88,14 @@ class Sample:
     kind: str                             # fact / reason / chat / qa
     ids: list[int]                        # token ids
     labels: list[int]                     # -100 where no loss
+
+
+def chat_forms(kinds: Sequence[str]) -> tuple[str, ...]:
+    """The chat replies an adapter trained on `kinds` answers in, and so the forms `remember`
+    fits each fact in (written into the adapter: constants.KEY_ADAPTER_CHAT_FORMS): an adapter
+    taught to echo the question leaves the value to rows keyed on the echo; otherwise it recites
+    the fact's written words."""
+    return ("echo",) if "echo" in kinds else ("recite",)
 
 
 # --------------------------------------------------------------------------- users and texts
@@ -118,6 +132,11 @@ def user_texts(path: Path, settings: SkillSettings, rng: random.Random) -> list[
     if "qa" in settings.kinds:
         out += [("qa", f"Q: {q['question']}\nA:", " " + recite[q["key"]]) for q in direct]
     ind = user.indirect_qa
+    if "keep" in settings.kinds:
+        # the model's own answer without the adapter (filled in by build_samples): the adapter
+        # keeps the base model's behaviour on plain "Q:/A:" questions, which chat replies
+        # must not change (contracts' indirect check: F >= A)
+        out += [("keep", f"Q: {q['question']}\nA:", "") for q in ind]
     if "irecite" in settings.kinds:
         # an indirect question whose answer a remembered fact states: answer by reciting it
         for q in ind:
@@ -199,14 +218,24 @@ class Tokens:
         return Sample(user, kind, ctx + rep, [-100] * len(ctx) + rep)
 
 
-def build_samples(files: Sequence[Path], tok, settings: SkillSettings) -> list[Sample]:
+def build_samples(files: Sequence[Path], tok, settings: SkillSettings,
+                  complete: Callable[[list[int], int], list[int]] | None = None) -> list[Sample]:
+    """Every training sample of `settings.kinds`. `complete(ids, n)`: n greedy tokens of the
+    model without the adapter after `ids` (needed by the "keep" kind)."""
     rng = random.Random(settings.seed)
     t = Tokens(tok)
     out = []
     for path in files:
         uid = Path(path).stem
         for kind, ctx, reply in user_texts(path, settings, rng):
-            s = t.sample(uid, kind, ctx, reply)
+            if kind == "keep":
+                if complete is None:
+                    raise ValueError('the "keep" samples need the model (build_samples(complete=...))')
+                ids = t.bos + t.ids(ctx)
+                own = complete(ids, settings.keep_tokens)
+                s = Sample(uid, kind, ids + own, [-100] * len(ids) + own)
+            else:
+                s = t.sample(uid, kind, ctx, reply)
             if len(s.ids) <= settings.max_len:
                 out.append(s)
     if "echo" in settings.kinds:
@@ -317,7 +346,7 @@ def train_skill(out: str | os.PathLike, model: str | os.PathLike | None = None,
     import torch
 
     from engram_local.model import lora
-    from engram_local.text.tokens import pad_id
+    from engram_local.text.tokens import eog_ids, pad_id
     from engram_local.train.trainer import collate, token_loss, train
 
     from engram_local.memory import facade as memory
@@ -342,7 +371,8 @@ def train_skill(out: str | os.PathLike, model: str | os.PathLike | None = None,
         raise ValueError(f"{model}: train-skill needs a MODEL_DIR (convert the checkpoint first)")
     sidecar = open_sidecar(md.engram)
     fingerprint = int(sidecar.fingerprint)
-    samples = build_samples(files, tok, settings)
+    samples = build_samples(files, tok, settings,
+                            complete=lambda ids, n: memory.greedy_ids(em, ids, n, stop=eog_ids(tok)))
     if not samples:
         raise ValueError("no training samples: the user files hold no facts")
     kinds = {k: sum(s.kind == k for s in samples) for k in settings.kinds}
@@ -387,7 +417,8 @@ def train_skill(out: str | os.PathLike, model: str | os.PathLike | None = None,
 
     extra = {"engram_local": {"settings": {k: (list(v) if isinstance(v, tuple) else v)
                                            for k, v in asdict(settings).items()},
-                              "users": [p.stem for p in files], "steps": total}}
+                              "users": [p.stem for p in files], "steps": total,
+                              "chat_forms": list(chat_forms(settings.kinds))}}
     from engram_local.convert import adapter as adapter_io
     from engram_local.convert import registry
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import struct
 import tempfile
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +101,13 @@ def rechecksum(data: bytes) -> bytes:
 
 # --------------------------------------------------------------------------- GGUF scanner + sidecar
 
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 class GgufTarget:
     name = "gguf"
 
@@ -108,8 +116,16 @@ class GgufTarget:
 
         self.expected = (GGUFFormatError,)
         self.originals = set(seeds("gguf"))
-        fd, self.path = tempfile.mkstemp(suffix=".gguf", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-        os.close(fd)
+        fd, path = tempfile.mkstemp(suffix=".gguf", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        if os.path.isdir("/proc/self/fd"):
+            # an unlinked scratch file, reached through its descriptor: nothing is left behind
+            # however the run ends (libFuzzer exits without Python's finalizers)
+            os.unlink(path)
+            self._fd, self.path = fd, f"/proc/self/fd/{fd}"
+        else:
+            os.close(fd)
+            self._fd, self.path = None, path
+            weakref.finalize(self, _remove, path)
 
     def __call__(self, data: bytes):
         from engram_local import constants
