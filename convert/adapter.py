@@ -19,6 +19,7 @@ import gguf
 import numpy as np
 
 from engram_local import constants
+from engram_local.formats.lora_adapter import check_chat_forms
 
 from .registry import BackboneArch
 from .tensors import copy_metadata, write_gguf
@@ -92,10 +93,7 @@ def write_lora_adapter(adapter_dir: Path, arch: BackboneArch, hf_config: dict, d
     writer.add_float32(constants.KEY_ADAPTER_LORA_ALPHA, alpha)
     forms = (cfg.get("engram_local") or {}).get("chat_forms")
     if forms is not None:       # train-skill's recipe: the replies memories are fitted in
-        if not isinstance(forms, list) or not forms or any(f not in constants.CHAT_FORM_NAMES for f in forms):
-            raise ValueError(f"{adapter_dir}: engram_local.chat_forms = {forms!r}; expected a non-empty "
-                             f"list of {', '.join(constants.CHAT_FORM_NAMES)}")
-        writer.add_array(constants.KEY_ADAPTER_CHAT_FORMS, list(forms))
+        writer.add_array(constants.KEY_ADAPTER_CHAT_FORMS, list(check_chat_forms(forms, adapter_dir)))
     for base in sorted(pairs):
         a, b = pairs[base]["A"], arch.to_gguf_rows(base, pairs[base]["B"], hf_config)
         writer.add_tensor(constants.TENSOR_LORA_A.format(base=base), np.ascontiguousarray(a, np.float32))

@@ -48,11 +48,15 @@ def adapter_chat_forms(path: str | os.PathLike) -> tuple[str, ...] | None:
 def header_chat_forms(header: GGUFHeader) -> tuple[str, ...] | None:
     """adapter_chat_forms of a scanned adapter header."""
     forms = header.fields.get(constants.KEY_ADAPTER_CHAT_FORMS)
-    if forms is None:
-        return None
+    return None if forms is None else check_chat_forms(forms, header.path)
+
+
+def check_chat_forms(forms, where) -> tuple[str, ...]:
+    """`forms` as a tuple when it is a non-empty list of CHAT_FORM_NAMES (the adapter key's value,
+    read or about to be written); GGUFFormatError naming `where` otherwise."""
     if not isinstance(forms, (list, tuple)) or not forms or \
             any(f not in constants.CHAT_FORM_NAMES for f in forms):
-        raise GGUFFormatError(f"{header.path}: {constants.KEY_ADAPTER_CHAT_FORMS} = {forms!r}; expected "
+        raise GGUFFormatError(f"{where}: {constants.KEY_ADAPTER_CHAT_FORMS} = {forms!r}; expected "
                               f"a non-empty list of {', '.join(constants.CHAT_FORM_NAMES)}")
     return tuple(forms)
 

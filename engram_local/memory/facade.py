@@ -463,7 +463,9 @@ def remember(path: str | os.PathLike, new: Iterable[NewFact], em, tok, fingerpri
 
 def greedy(em, tok, prompt: str, n: int, stacks=None) -> list[int]:
     """n greedy tokens after `prompt` (full forward per token; for short checks)."""
-    return greedy_ids(em, tok(prompt, add_special_tokens=False)["input_ids"], n)
+    from engram_local.text.tokens import encode
+
+    return greedy_ids(em, encode(tok, prompt), n)
 
 
 def greedy_ids(em, ids: Sequence[int], n: int, stop: Iterable[int] = ()) -> list[int]:

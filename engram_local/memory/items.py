@@ -138,6 +138,7 @@ class Item:
     train: bool                     # in the loss (verification items join when they fail)
     write: bool                     # its target positions may get rows
     need: float = 0.0               # logit margin every target must reach
+    chat: bool = False              # a chat form (a fact's context), not one of its prompts
     prefix: tuple = ()              # the sequence start before the prompt
     rare: np.ndarray | None = None  # per position: its N-gram is not made of common tokens
     # filled by FrozenPrefix.capture
@@ -267,7 +268,7 @@ def items_for(tok, facts: list[FactIn], s: FitSettings) -> list[Item]:
                                   ttok=np.asarray(a, np.int64), train=ci == 0 or s.fit_all_prefixes,
                                   write=not f.keep_out,
                                   need=KEEP_OUT_MARGIN if f.keep_out else (s.context_margin if ctx else s.margin),
-                                  prefix=tuple(pre),
+                                  prefix=tuple(pre), chat=ctx,
                                   gpos=np.arange(len(pre) - 1, P - 1) if ctx else np.zeros(0, np.int64),
                                   gtok=np.asarray(p if ctx else [], np.int64)))
     return items

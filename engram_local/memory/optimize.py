@@ -132,7 +132,7 @@ class Optimisation:
                 comp_fair[c] = comp_fair.get(c, True) and (i in passed or (
                     i in ran and item_min[i] >= self._fair(items[i])))
                 comp_prompts[c] = comp_prompts.get(c, True) and (
-                    items[i].need > s.margin or i in passed or (i in ran and item_min[i] >= items[i].need))
+                    items[i].chat or i in passed or (i in ran and item_min[i] >= items[i].need))
                 if i in ran:
                     comp_least[c] = min(comp_least.get(c, np.inf), item_min[i])
             # a component is done when all its items meet their margins at one evaluation
@@ -211,8 +211,8 @@ class Optimisation:
 
     def _fair(self, it) -> float:
         """The margin an item must keep for its component to stop short of full margins: a
-        prompt's own (need <= settings.margin) in full, a chat form's `settings.fair`."""
-        return it.need if it.need <= self.s.margin else min(it.need, self.s.fair)
+        prompt's own in full, a chat form's `settings.fair`."""
+        return min(it.need, self.s.fair) if it.chat else it.need
 
     @staticmethod
     def _store(param, values):
@@ -301,7 +301,7 @@ class Optimisation:
             if fid not in recalled:
                 continue
             ok = bool(margins[i].min() > 0)
-            if it.need > self.s.margin:          # a chat form
+            if it.chat:
                 chat_ok[fid] = chat_ok.get(fid, False) or ok
             elif not ok:
                 recalled[fid] = False

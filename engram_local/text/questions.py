@@ -416,6 +416,7 @@ def echo_contexts(facts, tok, per_fact: int = 4) -> dict[str, list[tuple[tuple[i
     the rows at the shared words cannot lead on both ways, and would derail the first reply
     ("My doctor's doctor is ..."); the question that reply answers gets the kept one."""
     from engram_local.text.chat import ChatVocab, render_conversation
+    from engram_local.text.tokens import encode
 
     vocab = ChatVocab.of(tok)
     forms = {f.id: echo_forms(f.prompt, f.answer, facts, per_fact + 2) for f in facts}
@@ -427,7 +428,7 @@ def echo_contexts(facts, tok, per_fact: int = 4) -> dict[str, list[tuple[tuple[i
     for f in facts:
         kept, heads = [], []
         for i, (q, e) in enumerate(forms[f.id]):
-            ids = tok(e, add_special_tokens=False)["input_ids"]
+            ids = encode(tok, e)
             if i > 0 and (claims[e.lower()] > 1 or any(_forks(ids, h) for h in heads)):
                 continue
             kept.append((q, e))
