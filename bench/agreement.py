@@ -169,26 +169,12 @@ def no_extra_bufts() -> None:
 
 
 def dequantized_copy(src: Path, dest: Path, half: bool = False) -> Path:
-    """`dest`: the GGUF `src` with every tensor dequantized to F32 (llama.cpp then multiplies in
-    F32), or with `half` every matrix stored as F16 (vectors stay F32)."""
-    import gguf
+    """`dest`: the GGUF `src` with every matrix dequantized to F32 (llama.cpp then multiplies in
+    F32), or with `half` stored as F16 (vectors stay F32): convert.tensors.restore_gguf."""
+    if not dest.is_file():
+        from engram_local.convert.tensors import restore_gguf
 
-    if dest.is_file():
-        return dest
-    from engram_local.convert.tensors import copy_metadata
-
-    reader = gguf.GGUFReader(str(src))
-    writer = copy_metadata(reader)
-    for t in reader.tensors:
-        kind = gguf.GGMLQuantizationType(t.tensor_type)
-        w = (np.asarray(t.data, np.float32) if kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
-             else gguf.quants.dequantize(t.data, kind).astype(np.float32))
-        w = w.reshape([int(x) for x in reversed(t.shape)])
-        writer.add_tensor(t.name, np.ascontiguousarray(w.astype(np.float16) if half and w.ndim > 1 else w))
-    writer.write_header_to_file(Path(dest))
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+        restore_gguf(src, dest, "f16" if half else "f32", progress=False)
     return dest
 
 

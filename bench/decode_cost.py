@@ -46,14 +46,14 @@ def _loop(step, first, n):
     return n / (time.perf_counter() - t0)
 
 
-def stock(path, n):
+def stock(path, n, prompt=PROMPT):
     import numpy as np
     from llama_cpp import Llama
 
     llm = Llama(model_path=str(path), n_ctx=1024, n_threads=1, n_threads_batch=1, verbose=False)
     try:
         llm.reset()
-        llm.eval(llm.tokenize(PROMPT.encode()))
+        llm.eval(llm.tokenize(prompt.encode()))
         t0 = time.perf_counter()
         for _ in range(n):
             llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
@@ -62,9 +62,9 @@ def stock(path, n):
         llm.close()
 
 
-def ours(be, n):
+def ours(be, n, prompt=PROMPT):
     be.reset()
-    first = be.decode_step([(0, be.tokenize(PROMPT), True)])[0]
+    first = be.decode_step([(0, be.tokenize(prompt), True)])[0]
     return _loop(lambda t: be.decode_step([(0, [t], True)])[0], first, n)
 
 
@@ -76,6 +76,9 @@ def main(argv=None):
     ap.add_argument("-n", type=int, default=128)
     ap.add_argument("--markdown", default=None)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--prompt-file", default=None,
+                    help="prompt text (default: the contract's one-sentence prompt; bench/runtime.py "
+                         "times a 190-token one)")
     a = ap.parse_args(argv)
 
     from engram_local.runtime import loader
@@ -84,6 +87,7 @@ def main(argv=None):
 
     md = loader.resolve(a.model)
     eov = Path(a.overrides)
+    prompt = Path(a.prompt_file).read_text() if a.prompt_file else PROMPT
     sess = Session(a.model, overrides=[str(eov)], n_threads=1, skill=True, log=lambda m: None)
     be = sess.backend
     plain = LlamaCppBackend(md.backbone_gguf(True), n_threads=1, n_ctx=2048, flash_attn=None)   # as Session
@@ -91,15 +95,15 @@ def main(argv=None):
     def disabled():
         be.runtime.enabled = False
         try:
-            return ours(be, a.n)
+            return ours(be, a.n, prompt)
         finally:
             be.runtime.enabled = True
 
-    cases = {"stock-plain": lambda: stock(md.backbone, a.n),
-             "stock-fold": lambda: stock(md.backbone_gguf(True), a.n),
-             "ours-no-engram": lambda: ours(plain, a.n),
+    cases = {"stock-plain": lambda: stock(md.backbone, a.n, prompt),
+             "stock-fold": lambda: stock(md.backbone_gguf(True), a.n, prompt),
+             "ours-no-engram": lambda: ours(plain, a.n, prompt),
              "ours-disabled": disabled,
-             "ours": lambda: ours(be, a.n)}
+             "ours": lambda: ours(be, a.n, prompt)}
     res = {k: [] for k in cases}
     for r in range(a.rounds):
         for k, f in cases.items():

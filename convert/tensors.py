@@ -26,13 +26,13 @@ PROGRESS_MIN_BYTES = 16 << 20
 QTYPES = {name: gguf.GGMLQuantizationType(q) for name, q in constants.TABLE_QTYPES.items()}
 
 
-def copy_metadata(reader: gguf.GGUFReader) -> gguf.GGUFWriter:
+def copy_metadata(reader: gguf.GGUFReader, skip: tuple[str, ...] = ()) -> gguf.GGUFWriter:
     """A GGUFWriter (no file yet) for the architecture of `reader` with every metadata key of
-    `reader` copied in order (the writer's own GGUF.* bookkeeping keys excepted)."""
+    `reader` copied in order (the writer's own GGUF.* bookkeeping keys and `skip` excepted)."""
     arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
     writer = gguf.GGUFWriter(None, arch)
     for field in reader.fields.values():
-        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF.") or field.name in skip:
             continue
         vtype = field.types[0]
         sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
@@ -113,6 +113,52 @@ def add_matrix(writer: gguf.GGUFWriter, name: str, values: np.ndarray,
     values = np.asarray(values, dtype=np.float32)
     StreamedTensor(name, values.shape[0], values.shape[1], qtype,
                    lambda a, b: values[a:b], progress).add_to(writer)
+
+
+# general.file_type of a backbone whose matrices are all stored as one type (llama.h's enum).
+FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+
+
+def matrix_qtype(outtype: str, width: int) -> gguf.GGMLQuantizationType:
+    """Storage of a matrix with rows of `width` values for a backbone `outtype`: Q8_0 rows that
+    are not whole blocks stay F16, as llama.cpp's own converter keeps them."""
+    qtype = QTYPES[outtype]
+    if qtype == QTYPES["q8_0"] and width % gguf.GGML_QUANT_SIZES[qtype][0]:
+        return QTYPES["f16"]
+    return qtype
+
+
+def restore_gguf(src: Path, dest: Path, outtype: str, progress: bool = True) -> None:
+    """Write `dest`: the GGUF `src` with every matrix re-stored as `outtype` (f32, f16, q8_0),
+    dequantized from its own type first; vectors, tensor order and every metadata key are kept
+    (general.file_type set to match), so stock llama.cpp runs it as it ran `src`.
+
+    Why: for a quantized weight ggml's CPU matmul rounds its input to 8 bits per block of 32,
+    which torch (fp32 activations) cannot follow; for F16 weights it rounds the input to F16 only,
+    and the two backends compute one function (docs/agreement.md). The default MODEL_DIR stores
+    the shipped Q4_1 weights this way (constants.DEFAULT_MODEL_OUTTYPE)."""
+    if outtype not in FILE_TYPES:
+        raise ValueError(f"--outtype {outtype!r} is not one of {', '.join(FILE_TYPES)}")
+    reader = gguf.GGUFReader(str(src))
+    writer = copy_metadata(reader, skip=(gguf.Keys.General.FILE_TYPE,))
+    writer.add_file_type(FILE_TYPES[outtype])
+    for t in reader.tensors:
+        kind = gguf.GGMLQuantizationType(t.tensor_type)
+        shape = [int(x) for x in reversed(t.shape)]            # numpy order: [rows, width]
+        if len(shape) == 1:
+            writer.add_tensor(t.name, np.asarray(t.data, np.float32).reshape(shape))
+            continue
+
+        def rows(a, b, t=t, kind=kind, shape=shape):
+            data = t.data.reshape(shape[0], -1)[a:b]
+            if kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+                return np.asarray(data, np.float32)
+            return gguf.quants.dequantize(data, kind).astype(np.float32).reshape(b - a, shape[1])
+
+        StreamedTensor(t.name, shape[0], shape[1], matrix_qtype(outtype, shape[1]), rows,
+                       progress).add_to(writer)
+    write_gguf(writer, dest)
 
 
 def write_gguf(writer: gguf.GGUFWriter, dest: Path, finish: Callable[[Path], None] | None = None):

@@ -108,5 +108,16 @@ main.add_command(serve_cmds.serve)
 main.add_command(eval_cmds.eval_group)
 main.add_command(skill_cmds.train_skill)
 
+
+
+def entry():
+    """The `engram-local` console script: `main`, in a process whose malloc uses huge pages when
+    the command decodes with llama.cpp (runtime.pages; re-executes itself once for that)."""
+    from engram_local.runtime import pages
+
+    pages.maybe_reexec(sys.argv[1:])
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

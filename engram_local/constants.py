@@ -86,6 +86,11 @@ CHECKPOINT_ADAPTER_DIR = "adapter"
 DEFAULT_TABLE_TYPE = "f16"                      # `convert --table-type` default
 DEFAULT_OUTTYPE = "f16"                         # `convert --outtype` default (HF backbones)
 BACKBONE_OUTTYPES = ("f32", "f16", "q8_0")
+# The default MODEL_DIR stores the shipped SmolLM2 Q4_1 matrices as F16: llama.cpp then rounds a
+# matmul's input to F16 instead of 8 bits per block, and the llama.cpp and torch backends (and the
+# memory writer) compute one function - 100 % / ~96 % greedy agreement instead of ~66-87 %, at
+# ~0.75-0.8x the Q4_1 decode speed (docs/agreement.md). Part of the default model's digest.
+DEFAULT_MODEL_OUTTYPE = "f16"
 
 # --------------------------------------------------------------------------- LoRA adapter
 # llama.cpp's adapter keys (src/llama-adapter.cpp); general.architecture = the base model's.

@@ -483,8 +483,8 @@ def test_convert_refuses_what_it_cannot_do(tiny, tmp_path):
     gguf_ckpt = tmp_path / "gguf-ckpt"
     shutil.copytree(ckpt, gguf_ckpt)
     (gguf_ckpt / "checkpoint.json").write_text(json.dumps({"backbone": str(md / "backbone.gguf")}))
-    with pytest.raises(ValueError, match="used as it is"):
-        convert_checkpoint(gguf_ckpt, tmp_path / "y", outtype="f16")
+    with pytest.raises(ValueError, match="is not one of"):
+        convert_checkpoint(gguf_ckpt, tmp_path / "y", outtype="q4_1")
     narrow = make_checkpoint(hf, tmp_path / "narrow", head_dim=8)
     with pytest.raises(ValueError, match="multiple"):
         write_sidecar(narrow, tmp_path / "n.gguf", table_type="q8_0", backbone_arch="llama", vocab_size=320)
@@ -493,6 +493,34 @@ def test_convert_refuses_what_it_cannot_do(tiny, tmp_path):
     # A GGUF backbone is used as it is: linked or copied byte for byte.
     out = convert_checkpoint(gguf_ckpt, tmp_path / "z", progress=False, log=lambda m: None)
     assert (out / "backbone.gguf").read_bytes() == (md / "backbone.gguf").read_bytes()
+
+
+def test_a_gguf_backbone_is_restored_in_the_outtype_asked(tiny, tmp_path):
+    """The default MODEL_DIR's path: a quantized GGUF backbone with its matrices stored as F16 -
+    every value the dequantized one rounded to F16, vectors and metadata kept, file type F16."""
+    from engram_local.convert import convert_checkpoint
+    from engram_local.convert.tensors import restore_gguf
+
+    _, ckpt, md = tiny
+    q8 = tmp_path / "q8.gguf"
+    restore_gguf(md / "backbone.gguf", q8, "q8_0", progress=False)
+    ckpt2 = tmp_path / "ckpt"
+    shutil.copytree(ckpt, ckpt2)
+    (ckpt2 / "checkpoint.json").write_text(json.dumps({"backbone": str(q8)}))
+    out = convert_checkpoint(ckpt2, tmp_path / "md", outtype="f16", progress=False, log=lambda m: None)
+    src, dst = gguf.GGUFReader(str(q8)), gguf.GGUFReader(str(out / "backbone.gguf"))
+    assert [t.name for t in src.tensors] == [t.name for t in dst.tensors]
+    F16, Q8 = gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.Q8_0
+    for a, b in zip(src.tensors, dst.tensors):
+        if len(a.shape) == 1:
+            assert np.array_equal(np.asarray(a.data), np.asarray(b.data))
+            continue
+        assert b.tensor_type == F16
+        want = gguf.quants.dequantize(a.data, a.tensor_type) if a.tensor_type == Q8 else np.asarray(a.data)
+        assert np.array_equal(np.asarray(b.data, np.float32), want.astype(np.float16).astype(np.float32))
+    file_type = dst.fields[gguf.Keys.General.FILE_TYPE].contents()
+    assert file_type == gguf.LlamaFileType.MOSTLY_F16
+    assert dst.fields[gguf.Keys.Tokenizer.LIST].contents() == src.fields[gguf.Keys.Tokenizer.LIST].contents()
 
 
 def test_default_model_dir_is_built_once_and_refreshed(tiny, tmp_path, monkeypatch):

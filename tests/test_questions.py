@@ -108,6 +108,23 @@ def test_echo_contexts_leave_out_a_reply_that_forks_from_a_kept_one(chat_tok):
     assert not any(_forks(a, b) for i, a in enumerate(ids) for b in ids[:i])
 
 
+def test_a_reply_two_facts_share_goes_to_the_one_said_first(chat_tok):
+    """"What is my hobby?" fits both "I enjoy chess" and "I also enjoy pottery": the shared reply
+    "My hobby is" is fitted for the first fact only (one answer per key, and one of the user's
+    answers rather than none), each fact keeps its own wording, and adding the second fact does
+    not take the form from the first."""
+    a, b = F("f1", "I enjoy", "chess"), F("f2", "I also enjoy", "pottery")
+    alone = [p for _, p in echo_contexts([a], chat_tok)["f1"]]
+    both = echo_contexts([a, b], chat_tok)
+    first, second = ([p for _, p in both[k]] for k in ("f1", "f2"))
+    assert "My hobby is" in alone and first == alone
+    assert second[0] == "I also enjoy" and not set(first) & set(second)
+    # one fact's own wording is never another's form, whoever came first
+    c = F("f3", "My hobby is", "knitting")
+    later = echo_contexts([a, c], chat_tok)
+    assert "My hobby is" not in [p for _, p in later["f1"]] and later["f3"][0][1] == "My hobby is"
+
+
 def test_echo_samples_mask_only_the_value(chat_tok):
     from engram_local.train.natural import echo_samples
     from engram_local.train.skill import Tokens

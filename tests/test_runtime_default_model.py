@@ -1,9 +1,9 @@
-"""Both backends on the real default model (SmolLM2-135M-Instruct Q4_1 + Engram): slow.
+"""Both backends on the real default model (SmolLM2-135M-Instruct + Engram): slow.
 
-The llama.cpp backend runs the Q4_1 backbone with llama.cpp's quantized matmuls (activations
-quantized to 8 bits per block of 32), the torch backend the same weights dequantized to fp32, so
-their logits differ by up to about one logit (docs/runtime.md). Greedy tokens must therefore agree
-wherever the decision is clear; at near-ties they may differ, and only there.
+The default MODEL_DIR stores the backbone's matrices as F16 (constants.DEFAULT_MODEL_OUTTYPE), so
+llama.cpp rounds each matmul's input to F16 and torch multiplies the same weights in fp32: their
+logits differ by ~0.1 (docs/agreement.md; the shipped Q4_1 weights as they are put ~1-3 logits
+between them). Greedy tokens must agree wherever the decision is not a near-tie.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ pytestmark = pytest.mark.slow
 
 PROMPTS = ["The capital of France is", "My doctor is", "Water boils at a temperature of",
            "The quick brown fox", "Once upon a time, there was"]
-CLEAR_MARGIN = 1.0      # logits: a top-1 lead this large is not flipped by quantization (flips seen: < 0.2)
-MAX_LOGIT_DIFF = 3.0
+CLEAR_MARGIN = 0.5      # logits: a top-1 lead this large is not flipped by the F16 rounding
+MAX_LOGIT_DIFF = 0.5    # measured: <= 0.16 over 50 prompts x 32 tokens
 
 
 @pytest.fixture(scope="module")

@@ -152,6 +152,22 @@ def test_small_batches_equal_one_batch(md):
     big.close(), small.close()
 
 
+def test_weights_read_into_memory_under_the_huge_page_tunable_give_the_same_logits(md, monkeypatch):
+    """runtime.pages: with glibc's malloc huge-page tunable in the environment the backend reads
+    the weights into memory instead of mapping the file; the function is the same."""
+    from engram_local.runtime import pages
+
+    sc = open_sidecar(md / "engram.gguf")
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    mapped = llama_backend.LlamaCppBackend(md / "backbone.gguf", sidecar=sc, n_ctx=64, n_threads=1, kv_f32=True)
+    monkeypatch.setenv("GLIBC_TUNABLES", pages.TUNABLE)
+    read = llama_backend.LlamaCppBackend(md / "backbone.gguf", sidecar=sc, n_ctx=64, n_threads=1, kv_f32=True)
+    assert (mapped.load_mode, read.load_mode) == ("mmap", "read")
+    ids = mapped.tokenize(TEXT)
+    assert np.array_equal(mapped.eval(ids), read.eval(ids))
+    mapped.close(), read.close()
+
+
 def test_generation_reuses_the_kv_cache_across_turns(sessions):
     lb, tb = sessions
     for s in (lb, tb):

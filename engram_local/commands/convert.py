@@ -25,8 +25,9 @@ USER_ERRORS = (ValueError, OSError)
               default=constants.DEFAULT_TABLE_TYPE, show_default=True,
               help="Storage of the Engram memory tables (q8_0 / q4_0 need a head dim divisible by 32).")
 @click.option("--outtype", type=click.Choice(list(constants.BACKBONE_OUTTYPES)), default=None,
-              help=f"Storage of a Hugging Face backbone's weights [default: {constants.DEFAULT_OUTTYPE}]; "
-                   "a GGUF backbone is used as it is.")
+              help=f"Storage of the backbone's matrices: a Hugging Face backbone's [default: "
+                   f"{constants.DEFAULT_OUTTYPE}]; a GGUF backbone is used as it is unless given "
+                   "(then dequantized and re-stored).")
 @click.option("--force", is_flag=True, help="Replace OUT if it already holds files.")
 def convert(src, out_dir, table_type, outtype, force):
     """Convert the Engram checkpoint SRC into a MODEL_DIR of GGUF files.

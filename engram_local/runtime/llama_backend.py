@@ -39,6 +39,7 @@ import numpy as np
 from engram_local import native
 from engram_local.native.runtime import OverrideStacks
 from engram_local.runtime.backend import Backend
+from engram_local.runtime import pages
 from engram_local.runtime.context import check_new_tokens
 
 # The llama-cpp-python release whose graph node names this backend was written against.
@@ -216,7 +217,11 @@ class LlamaCppBackend(Backend):
         llama_cpp.llama_backend_init()
 
         mparams = llama_cpp.llama_model_default_params()
-        mparams.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP      # mmap on, adapter or not
+        # Weights read into malloc'd memory where this process's malloc uses huge pages (the CLI
+        # arranges it: runtime.pages), mapped from the file otherwise.
+        self.load_mode = "read" if pages.active() else "mmap"
+        mparams.load_mode = (llama_cpp.LLAMA_LOAD_MODE_NONE if self.load_mode == "read"
+                             else llama_cpp.LLAMA_LOAD_MODE_MMAP)
         if n_gpu_layers and not llama_cpp.llama_supports_gpu_offload():
             self._log("engram-local: this llama.cpp build has no GPU support; -ngl ignored")
             n_gpu_layers = 0

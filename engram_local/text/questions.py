@@ -410,8 +410,11 @@ def echo_contexts(facts, tok, per_fact: int = 4) -> dict[str, list[tuple[tuple[i
     """fact id -> [(lead ids, reply prefix)]: each of the fact's echo forms as a chat turn up to
     the assistant's reply (the runtime's tokens, `render_conversation`), the prefix after it.
     A reply prefix that two facts would both be fitted in ("My hobby is" for "I enjoy chess" and
-    "I also enjoy pottery") is left out of both: the same words cannot key two answers; a fact's
-    own wording (its first form) is always kept. So is a reply that goes on from the first two
+    "I also enjoy pottery") goes to one of them: the same words cannot key two answers. A fact's
+    own wording (its first form) is always its own; a prefix that is no fact's own wording goes to
+    the first fact (in `facts`' order, the ledger's: the one said first) that has it, so a
+    question both could answer gets one of the user's answers, not an invented one, and adding a
+    fact never takes a form from an earlier one. Left out, too, is a reply that goes on from the first two
     or more tokens of one kept before with other words ("My doctor is" / "My doctor's name is"):
     the rows at the shared words cannot lead on both ways, and would derail the first reply
     ("My doctor's doctor is ..."); the question that reply answers gets the kept one."""
@@ -420,16 +423,19 @@ def echo_contexts(facts, tok, per_fact: int = 4) -> dict[str, list[tuple[tuple[i
 
     vocab = ChatVocab.of(tok)
     forms = {f.id: echo_forms(f.prompt, f.answer, facts, per_fact + 2) for f in facts}
-    claims: dict[str, int] = {}
-    for fs in forms.values():
-        for e in {echo.lower() for _, echo in fs}:
-            claims[e] = claims.get(e, 0) + 1
+    owner: dict[str, str] = {}
+    for f in facts:                                   # own wordings first, then first come
+        if forms[f.id]:
+            owner.setdefault(forms[f.id][0][1].lower(), f.id)
+    for f in facts:
+        for _, e in forms[f.id]:
+            owner.setdefault(e.lower(), f.id)
     out = {}
     for f in facts:
         kept, heads = [], []
         for i, (q, e) in enumerate(forms[f.id]):
             ids = encode(tok, e)
-            if i > 0 and (claims[e.lower()] > 1 or any(_forks(ids, h) for h in heads)):
+            if i > 0 and (owner[e.lower()] != f.id or any(_forks(ids, h) for h in heads)):
                 continue
             kept.append((q, e))
             heads.append(ids)
