@@ -1,18 +1,20 @@
 """Huge pages for llama.cpp's weights (Linux with glibc): why the console entry may re-exec itself.
 
 Decoding reads every weight once per token; on an F16 backbone (the default MODEL_DIR's, 271 MB)
-the 4 KB-page TLB misses are a large part of that. llama.cpp maps the file (mmap) by default, and
-whether the kernel's page cache holds it in 2 MB folios is luck: the same bytes decoded at 40
-tok/s from one file and 33 from a fresh copy of it on the development machine. Read into memory
-instead (LLAMA_LOAD_MODE_NONE) they go through glibc's malloc, which asks for transparent huge
-pages only when the tunable `glibc.malloc.hugetlb=1` is set - and glibc reads tunables at process
-start only. So `engram-local` can re-execute itself once with the tunable (`entry`), and the
-llama.cpp backend reads the weights into memory when the tunable is in force (`active`): decode
-+16-25 % on the default model (docs/benchmarks.md). The price is at start: the kernel may have to
-compact memory to find the huge pages, 0.1-1.8 s of loading measured here, which would put a cold
-`run` past its 2 s first-token target. So it is the default for `serve` (started once, decodes
-for hours) and opt-in elsewhere: `ENGRAM_LOCAL_HUGE_PAGES=1` (any command that decodes with
-llama.cpp), `=0` (never, not even `serve`). Torch (the memory writer) gained nothing from it.
+4 KB-page TLB misses are a large part of that. llama.cpp maps the file (mmap) by default, and the
+page cache holds a file in folios as large as the writes that made it (`convert` lays its files
+down in 64 MB writes for that reason: convert.tensors.write_gguf) - until the file is evicted and
+read back by readahead, whose folio sizes vary. Measured here: the same bytes decoded at 33 to 44
+tok/s depending on how they sat in the cache. Read into memory instead (LLAMA_LOAD_MODE_NONE) they
+go through glibc's malloc, which asks for transparent huge pages only when the tunable
+`glibc.malloc.hugetlb=1` is set - and glibc reads tunables at process start only. So `engram-local`
+can re-execute itself once with the tunable (`entry`), and the llama.cpp backend reads the weights
+into memory when the tunable is in force (`active`): 43.6 tok/s whatever the cache holds
+(docs/benchmarks.md). The price is at start: the kernel may have to compact memory to find the
+huge pages, 0.1-1.8 s of loading measured here, which could put a cold `run` past its 2 s
+first-token target. So it is the default for `serve` (started once, decodes for hours) and
+opt-in elsewhere: `ENGRAM_LOCAL_HUGE_PAGES=1` (any command that decodes with llama.cpp), `=0`
+(never, not even `serve`). Torch (the memory writer) gained nothing from it.
 
 No heavy imports here: this runs before every command.
 """
