@@ -239,7 +239,9 @@ def main():
         adapter_md = synthetic_adapter_model_dir(md.path, work, a.synthetic_adapter)
     results: dict[str, list[dict]] = {"stock": [], "stock_huge": [], "engram": [], "engram_huge": [],
                                       "engram+lora": [], "torch": [], "stock_short": [], "engram_short": []}
-    huge_env = dict(env, ENGRAM_LOCAL_HUGE_PAGES="1")
+    from engram_local.runtime import pages
+
+    huge_env = dict(env, **{pages.ENV_SWITCH: "1"})
     for r in range(a.rounds):
         results["stock"].append(run_stock(md.backbone, a.n_predict, a.threads, env))
         results["stock_huge"].append(run_stock(md.backbone, a.n_predict, a.threads, env, huge=True))

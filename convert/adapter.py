@@ -19,6 +19,7 @@ import gguf
 import numpy as np
 
 from engram_local import constants
+from engram_local.formats.header import as_float32
 from engram_local.formats.lora_adapter import check_chat_forms
 
 from .registry import BackboneArch
@@ -146,11 +147,7 @@ def merge_lora_into_backbone(backbone: Path, adapter: Path, dest: Path, qtype: s
         if t.name in lora.tensors:
             a, b = lora.tensors[t.name]
             qtype_of = gguf.GGMLQuantizationType(t.tensor_type)
-            if qtype_of in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-                w = np.asarray(t.data, dtype=np.float32)
-            else:
-                w = gguf.quants.dequantize(t.data, qtype_of).astype(np.float32)
-            w = np.array(w.reshape(b.shape[0], a.shape[1]), np.float32)    # (out, in), a writable copy
+            w = as_float32(t.data, qtype_of).reshape(b.shape[0], a.shape[1])    # (out, in), a copy
             merge_into(torch.from_numpy(w), torch.from_numpy(a), torch.from_numpy(b), lora.scale(t.name))
             if qtype:
                 out = gguf.GGMLQuantizationType[qtype.upper()]

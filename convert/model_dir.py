@@ -4,9 +4,9 @@ A MODEL_DIR holds `backbone.gguf` (stock llama.cpp architecture), `engram.gguf` 
 and, when the checkpoint has a skill adapter, `adapter.gguf` (llama.cpp LoRA) and
 `backbone-skill.gguf` (the backbone with the adapter folded in: the skill-on model of every
 backend; stored in the backbone's own type, quantized weights re-quantized as Q5_1,
-convert.adapter.FOLDED_QTYPE). It is assembled
-in a temporary directory beside the destination, checked, and only then moved into place, so
-an interrupted conversion never leaves a half-written model behind.
+convert.adapter.FOLDED_QTYPE). It is assembled in a temporary directory beside the
+destination, checked, and only then moved into place, so an interrupted conversion never
+leaves a half-written model behind.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ import gguf
 import numpy as np
 
 from engram_local import constants
+from engram_local.formats.header import as_float32
 
 # Rows per chunk are chosen so one chunk of float32 input is about this large.
 CHUNK_BYTES = 32 << 20
@@ -151,10 +152,7 @@ def restore_gguf(src: Path, dest: Path, outtype: str, progress: bool = True) -> 
             continue
 
         def rows(a, b, t=t, kind=kind, shape=shape):
-            data = t.data.reshape(shape[0], -1)[a:b]
-            if kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-                return np.asarray(data, np.float32)
-            return gguf.quants.dequantize(data, kind).astype(np.float32).reshape(b - a, shape[1])
+            return as_float32(t.data.reshape(shape[0], -1)[a:b], kind).reshape(b - a, shape[1])
 
         StreamedTensor(t.name, shape[0], shape[1], matrix_qtype(outtype, shape[1]), rows,
                        progress).add_to(writer)

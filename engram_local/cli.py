@@ -109,7 +109,6 @@ main.add_command(eval_cmds.eval_group)
 main.add_command(skill_cmds.train_skill)
 
 
-
 def entry():
     """The `engram-local` console script: `main`, in a process whose malloc uses huge pages when
     the command decodes with llama.cpp (runtime.pages; re-executes itself once for that)."""

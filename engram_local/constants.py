@@ -88,8 +88,9 @@ DEFAULT_OUTTYPE = "f16"                         # `convert --outtype` default (H
 BACKBONE_OUTTYPES = ("f32", "f16", "q8_0")
 # The default MODEL_DIR stores the shipped SmolLM2 Q4_1 matrices as F16: llama.cpp then rounds a
 # matmul's input to F16 instead of 8 bits per block, and the llama.cpp and torch backends (and the
-# memory writer) compute one function - 100 % / ~96 % greedy agreement instead of ~66-87 %, at
-# ~0.75-0.8x the Q4_1 decode speed (docs/agreement.md). Part of the default model's digest.
+# memory writer) compute one function - 97-99.5 % of greedy tokens agree instead of 69-74 %, at
+# 0.81x the Q4_1 decode speed (docs/agreement.md, docs/benchmarks.md). Part of the default
+# model's digest.
 DEFAULT_MODEL_OUTTYPE = "f16"
 
 # --------------------------------------------------------------------------- LoRA adapter

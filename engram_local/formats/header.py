@@ -308,6 +308,15 @@ def tensor_view(info: TensorInfo, raw: np.ndarray) -> np.ndarray:
     return raw.reshape(info.numpy_shape[:-1] + (-1,))
 
 
+def as_float32(data: np.ndarray, qtype) -> np.ndarray:
+    """A tensor's stored data (`tensor_view`, GGUFReader's `data`) as a new, writable float32
+    array: typed tensors converted, block types dequantized (rows of bytes -> rows of values)."""
+    qtype = gguf.GGMLQuantizationType(qtype)
+    if qtype in TENSOR_DTYPES:
+        return np.array(data, np.float32)
+    return gguf.quants.dequantize(data, qtype).astype(np.float32, copy=False)
+
+
 # --------------------------------------------------------------------------- what a file is
 
 def file_kind(header: GGUFHeader) -> str:

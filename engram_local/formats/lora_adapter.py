@@ -10,11 +10,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import gguf
 import numpy as np
 
 from engram_local import constants
-from engram_local.formats.header import (TENSOR_DTYPES, GGUFFormatError, GGUFHeader, TensorInfo,
+from engram_local.formats.header import (GGUFFormatError, GGUFHeader, TensorInfo, as_float32,
                                          describe_arch_mismatch, scan_gguf, tensor_view)
 
 
@@ -102,8 +101,4 @@ def read_lora_adapter(path: str | os.PathLike) -> LoraAdapter:
 
 def _read_float32(f, info: TensorInfo) -> np.ndarray:
     f.seek(info.offset)
-    view = tensor_view(info, np.frombuffer(f.read(info.nbytes), dtype=np.uint8))
-    qtype = gguf.GGMLQuantizationType(info.qtype)
-    if qtype in TENSOR_DTYPES:
-        return view.astype(np.float32)
-    return gguf.quants.dequantize(view, qtype).astype(np.float32)
+    return as_float32(tensor_view(info, np.frombuffer(f.read(info.nbytes), dtype=np.uint8)), info.qtype)

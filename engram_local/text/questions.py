@@ -414,8 +414,9 @@ def echo_contexts(facts, tok, per_fact: int = 4) -> dict[str, list[tuple[tuple[i
     own wording (its first form) is always its own; a prefix that is no fact's own wording goes to
     the first fact (in `facts`' order, the ledger's: the one said first) that has it, so a
     question both could answer gets one of the user's answers, not an invented one, and adding a
-    fact never takes a form from an earlier one. Left out, too, is a reply that goes on from the first two
-    or more tokens of one kept before with other words ("My doctor is" / "My doctor's name is"):
+    fact never takes a form from an earlier one. Left out, too, is a reply that goes on from the
+    first two or more tokens of one kept before with other words ("My doctor is" / "My doctor's
+    name is"):
     the rows at the shared words cannot lead on both ways, and would derail the first reply
     ("My doctor's doctor is ..."); the question that reply answers gets the kept one."""
     from engram_local.text.chat import ChatVocab, render_conversation
