@@ -188,6 +188,10 @@ def test_default_model_end_to_end(smollm2_home, tmp_path, monkeypatch):
     ids = tok("My doctor is Dr. Krause and my cat is called Pixel.")["input_ids"]
     assert model_tok("My doctor is Dr. Krause and my cat is called Pixel.")["input_ids"] == ids
     with torch.no_grad():
+        # the default MODEL_DIR stores the backbone's matrices as F16 (constants.DEFAULT_MODEL_OUTTYPE)
+        for p in em.backbone.parameters():
+            if p.ndim == 2:
+                p.copy_(p.half().float())
         x = torch.tensor([ids])
         np.testing.assert_allclose(model(x).logits.numpy(), em(x).logits.numpy(), rtol=0, atol=1e-5)
 

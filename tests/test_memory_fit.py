@@ -255,16 +255,20 @@ def test_writing_ignores_memory_attached_to_the_model(model, written, tmp_path):
 
 def test_common_ngrams_get_no_rows_where_avoidable(model, tmp_path):
     """With every 3-gram 'common', a fact is written only at its trigger (the fallback) and
-    never at its answer positions; with the rule off, answer positions get rows too."""
+    never at its answer positions; with the rule off, answer positions get rows too; with only
+    the N-grams past the trigger allowed (`answer_common_logp` above every score), the answer
+    positions get rows and the prompt positions before the trigger still none."""
     em, tok, fp = model
     fact = NewFact("w70 w71 w72", "w80 w81 w82 w83", id="x")
     ids = tok("w70 w71 w72 w80 w81 w82 w83", add_special_tokens=False)["input_ids"]
     r, k = (a[0].numpy() for a in em.addresses(torch.tensor([ids]))[em.cfg.write_layer])
     key_at = {int(k[t, em.cfg.n_head_per_ngram]): t for t in range(len(ids))}
     positions = {}
-    for name, logp in (("common", float("-inf")), ("off", None)):
+    for name, logp, answer_logp in (("common", float("-inf"), None), ("off", None, None),
+                                    ("answer", float("-inf"), 1.0)):
         path = tmp_path / f"{name}.eov"
-        write(path, [fact], model, settings=FitSettings(common_logp=logp))
+        write(path, [fact], model, settings=FitSettings(common_logp=logp, answer_common_logp=answer_logp))
         positions[name] = {key_at[key] for _, _, key in read_memory_file(path, fp).entries()}
     assert positions["common"] == {2}                  # the trigger only
     assert positions["off"] - {2}                      # answer positions too
+    assert positions["answer"] - {2} and min(positions["answer"]) == 2

@@ -15,6 +15,10 @@ import torch.nn.functional as F
 
 from engram_local.memory.prefix import FAST_DTYPE, NEG
 
+# Margin a reachable guard must keep (or the unmodified model's own there, less half of this):
+# the reply's next word stays the model's choice where the rows can reach it.
+GUARD_MARGIN = 1.0
+
 
 def _rows_of(entries: dict) -> np.ndarray:
     return np.fromiter((k[0] for k in entries), dtype=np.int64, count=len(entries))
@@ -152,6 +156,7 @@ class Batches:
         self.timing = timing
         self._cache: dict = {}
         self.extra: set[int] = set()
+        self.guards_ok: dict[int, bool] = {}   # item -> its reachable guards held (the last run)
         self._lock = threading.Lock()
 
     def restage(self, items, entries, sel=None, fixed=None) -> np.ndarray:
@@ -259,6 +264,7 @@ class Batches:
             n = len(items[i].tpos)
             if m[k:k + n].min() >= items[i].need:
                 rows.extend(range(k, k + n))
+            rows.extend(range(k + n, k + n + n_guard))     # guards: a rival off the candidates
             k += n + n_guard
         if not rows:
             return m
@@ -315,6 +321,7 @@ class Batches:
         done = list(_pool(workers).map(work, bts)) if workers > 1 else list(map(work, bts))
         self._add("compute", time.time() - t0)
         total, margins = 0.0, {}
+        self.guards_ok = {}
         for (bucket, bt), (logits, loss, tgt, cand) in zip(staged, done):
             self.timing["tokens"] = self.timing.get("tokens", 0) + bt["h"].shape[0] * bt["S"]
             total += loss
@@ -326,8 +333,16 @@ class Batches:
                 m = self._confirm(items, bucket, bt, m, cand, tgt)
             k = 0
             for i, n_guard in zip(bucket, bt["ng"]):
-                n = len(items[i].tpos)
-                margins[i] = m[k:k + n]          # targets only: guards never block convergence
+                it = items[i]
+                n = len(it.tpos)
+                margins[i] = m[k:k + n]          # targets only
+                if n_guard and it.base_gmargin is not None:
+                    # the guards the rows can reach: the model must still say its reply's own
+                    # words there (a row before a common trigger pushes the answer at a
+                    # position that predicts the next prompt word)
+                    reach = it.gpos >= it.start
+                    need = np.minimum(GUARD_MARGIN, it.base_gmargin[reach] - GUARD_MARGIN / 2)
+                    self.guards_ok[i] = bool((m[k + n:k + n + n_guard] >= need).all())
                 k += n + n_guard
         return total, margins
 

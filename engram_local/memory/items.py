@@ -36,6 +36,9 @@ class FitSettings:
     common_logp: float | None = -8.0  # N-grams the model finds likelier than 10**this (from a
                                     # document start) are common: no rows there where avoidable
                                     # (placement.mark_rare); None = write at any N-gram
+    answer_common_logp: float | None = -5.0  # the same past the trigger, where the N-gram holds
+                                    # answer tokens (" is 4" 10**-5.6 is the fact's own; " in 1"
+                                    # 10**-4.3 comes with every year in prose); None = common_logp
     grow_after: int = 8             # steps a component may fail before it gets more rows
     patience: int = 12              # steps a component may go on once every prompt first met its
                                     # full margin and every chat form `fair`; then it stops at
@@ -153,6 +156,7 @@ class Item:
                                     # model's top tokens there
     base_margin: np.ndarray | None = None
     base_pred: np.ndarray | None = None
+    base_gmargin: np.ndarray | None = None   # the unmodified model's margin at each guard
     # filled by batching.restage
     idx: np.ndarray | None = None   # (T, H) entry index of each look-up or -1
     start: int = 0                  # first position with an overridden look-up

@@ -109,6 +109,9 @@ class Optimisation:
             loss, item_margins = self.batches.run(items, run, param, backward=True,
                                                   scale=1.0 / len(run), fast=s.fast)
             item_min = {i: float(m.min()) for i, m in item_margins.items()}
+            for i, ok in self.batches.guards_ok.items():
+                if not ok:          # a broken guard: the item has not met its margin
+                    item_min[i] = min(item_min[i], items[i].need - 1e-3)
             for i in run:
                 if item_min[i] >= items[i].need:
                     passed[i] = step

@@ -45,7 +45,7 @@ def letter_tokens(tok) -> np.ndarray:
 
 @torch.no_grad()
 def mark_rare(em, items, common_logp, letters, start_id: int, window: int = 4, chunk: int = 256,
-              scorer=None, cache: dict | None = None):
+              scorer=None, cache: dict | None = None, answer_logp: float | None = None):
     """it.rare[t]: the highest-order N-gram ending at t is rare enough to carry a row.
 
     An N-gram is common when the model itself, from a document start (`start_id`,
@@ -53,9 +53,12 @@ def mark_rare(em, items, common_logp, letters, start_id: int, window: int = 4, c
     10**common_logp ("was born in" 10**-5.4, "works as a" 10**-7.5), or when none of its tokens
     has a letter (digits: " 20", "199"). Rows there would fire in ordinary text; the writer
     avoids them where it can. Only the trigger, the `window` prompt positions before it and the
-    answer positions are scored. `scorer(x)` gives log p(x[:, t + 1] | x[:, :t + 1]) (default:
-    the model's own forward); `cache` {N-gram: log10 p} keeps scores between calls (the same
-    model and start)."""
+    answer positions are scored. Past the trigger, where the N-gram holds answer tokens, the
+    bound is `answer_logp` when that is higher (None: common_logp): a digit after a prompt word
+    (" is 4" 10**-5.6 for "My commute is 45") is the fact's own, where a reply worded unlike the
+    fitted ones needs its own row; " in 1" (10**-4.3, every year in prose) stays common.
+    `scorer(x)` gives log p(x[:, t + 1] | x[:, :t + 1]) (default: the model's own forward);
+    `cache` {N-gram: log10 p} keeps scores between calls (the same model and start)."""
     n = em.cfg.max_ngram_size
     cache = {} if cache is None else cache
     todo: set[tuple] = set()
@@ -84,9 +87,14 @@ def mark_rare(em, items, common_logp, letters, start_id: int, window: int = 4, c
                 cache[g] = float(lp[b, :len(g)].sum()) / math.log(10)
     for it in items:
         lo = max(it.prefix_len, int(it.tpos[0]) - window)
+        t0 = int(it.tpos[0])
         for t in range(lo, len(it.ids)):
             g = tuple(it.ids[max(it.prefix_len, t - n + 1):t + 1])
-            it.rare[t] = common_logp is None or cache[g] < common_logp
+            if common_logp is None:
+                it.rare[t] = True
+            else:
+                it.rare[t] = cache[g] < (common_logp if t <= t0 or answer_logp is None
+                                         else max(common_logp, answer_logp))
 
 
 class Placement:

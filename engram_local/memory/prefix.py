@@ -289,6 +289,7 @@ class FrozenPrefix:
             lg = logits[k:k + n]
             nt = len(it.tpos)
             it.base_margin, it.base_pred = self.margins(lg[:nt], torch.from_numpy(it.ttok))
+            it.base_gmargin = self.margins(lg[nt:], torch.from_numpy(it.gtok))[0] if len(it.gtok) else None
             top = lg.topk(min(cand_k, lg.shape[1]), dim=1).indices.reshape(-1).numpy()
             it.cand = np.unique(np.concatenate([top, it.ttok, it.gtok] + [near[t] for t in it.ttok]).astype(np.int64))
             k += n
@@ -430,6 +431,8 @@ class FrozenPrefix:
                 logits = self.logits(hidden[b, torch.from_numpy(pos_)])
                 nt = len(it.tpos)
                 it.base_margin, it.base_pred = self.margins(logits[:nt], torch.from_numpy(it.ttok))
+                it.base_gmargin = (self.margins(logits[nt:], torch.from_numpy(it.gtok))[0]
+                                   if len(it.gtok) else None)
                 top = logits.topk(min(16, logits.shape[1]), dim=1).indices.reshape(-1).numpy()
                 it.cand = np.unique(np.concatenate([top, it.ttok, it.gtok]).astype(np.int64))
 

@@ -105,7 +105,8 @@ class Fitter:
         start = document_start_id(self.tok)
         cache = _RARE.setdefault(self.em, {}).setdefault((start, self.s.fast), {})
         mark_rare(self.em, items, self.s.common_logp, self._letters(), start, cache=cache,
-                  scorer=lambda x: self.model.token_logprobs(x, fast=self.s.fast))
+                  scorer=lambda x: self.model.token_logprobs(x, fast=self.s.fast),
+                  answer_logp=self.s.answer_common_logp)
         self.timing["mark_rare"] = self.timing.get("mark_rare", 0.0) + time.time() - tr
 
     def fit(self, facts: list[FactIn], existing: dict | None = None,

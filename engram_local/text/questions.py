@@ -418,7 +418,9 @@ def echo_contexts(facts, tok, per_fact: int = 4) -> dict[str, list[tuple[tuple[i
     first two or more tokens of one kept before with other words ("My doctor is" / "My doctor's
     name is"):
     the rows at the shared words cannot lead on both ways, and would derail the first reply
-    ("My doctor's doctor is ..."); the question that reply answers gets the kept one."""
+    ("My doctor's doctor is ..."); the question that reply answers gets the kept one.
+    The fact that owns a "My X is" several facts share is also fitted as "My main X is": the
+    first of a person's hobbies is the one asked about as the main one."""
     from engram_local.text.chat import ChatVocab, render_conversation
     from engram_local.text.tokens import encode
 
@@ -431,6 +433,10 @@ def echo_contexts(facts, tok, per_fact: int = 4) -> dict[str, list[tuple[tuple[i
     for f in facts:
         for _, e in forms[f.id]:
             owner.setdefault(e.lower(), f.id)
+    claims: dict[str, int] = {}
+    for f in facts:
+        for _, e in forms[f.id]:
+            claims[e.lower()] = claims.get(e.lower(), 0) + 1
     out = {}
     for f in facts:
         kept, heads = [], []
@@ -440,6 +446,13 @@ def echo_contexts(facts, tok, per_fact: int = 4) -> dict[str, list[tuple[tuple[i
                 continue
             kept.append((q, e))
             heads.append(ids)
+            # several facts of one kind ("I enjoy woodworking", "I also enjoy chess"): the
+            # first said is the one asked about as the main one ("What is my main hobby?"; its
+            # reply "My main hobby is" keys on other words than "My hobby is")
+            m = re.fullmatch(r"My (\w+) (is|are)", e)
+            if m and claims[e.lower()] > 1 and owner[e.lower()] == f.id:
+                kept.append((f"What {m.group(2)} my main {m.group(1)}?", f"My main {m.group(1)} {m.group(2)}"))
+                heads.append(encode(tok, kept[-1][1]))
         kept = kept[:per_fact]
         out[f.id] = []
         for q, echo in kept:
