@@ -36,9 +36,11 @@ class FitSettings:
     common_logp: float | None = -8.0  # N-grams the model finds likelier than 10**this (from a
                                     # document start) are common: no rows there where avoidable
                                     # (placement.mark_rare); None = write at any N-gram
-    answer_common_logp: float | None = -5.0  # the same past the trigger, where the N-gram holds
-                                    # answer tokens (" is 4" 10**-5.6 is the fact's own; " in 1"
-                                    # 10**-4.3 comes with every year in prose); None = common_logp
+    answer_common_logp: float | None = -5.5  # the same past the trigger, where the N-gram holds
+                                    # answer tokens (" is 4" 10**-5.6 is the fact's own; " is 1"
+                                    # 10**-5.1 and " in 1" 10**-4.3 come with the years of prose:
+                                    # at -5.0 "What is 12 plus 15?" read a birth year's row);
+                                    # None = common_logp
     grow_after: int = 8             # steps a component may fail before it gets more rows
     patience: int = 12              # steps a component may go on once every prompt first met its
                                     # full margin and every chat form `fair`; then it stops at
