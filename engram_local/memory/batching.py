@@ -217,7 +217,7 @@ class Batches:
             neg = torch.finfo(torch.float32).min
             mask = torch.full((B, 1, S, Lp + S), neg)
             causal = torch.triu(torch.full((S, S), neg), diagonal=1)
-        flat, tgt, ng = [], [], []
+        flat, tgt, ng, gneed = [], [], [], []
         for b, it in enumerate(its):
             s, n = it.start, len(it.ids) - it.start
             h[b, :n], e[b, :n] = it.h[s:s + n], it.e[s:s + n]
@@ -239,8 +239,13 @@ class Batches:
             flat.extend(b * S + (it.gpos[g] - s))
             tgt.extend(it.gtok[g])
             ng.append(int(g.sum()))
+            # the margin each must keep: the model must still say its reply's own words there (a
+            # row before a common trigger pushes the answer where the next prompt word belongs)
+            gneed.append(None if not g.any() or it.base_gmargin is None else
+                         np.minimum(GUARD_MARGIN, it.base_gmargin[g] - GUARD_MARGIN / 2))
         bt = dict(h=h, e=e, idx=idx, pos=pos, cs=cs, flat=torch.tensor(flat, dtype=torch.long),
-                  tgt=torch.tensor(tgt, dtype=torch.long), S=S, ng=ng, fast=fast, plain=plain)
+                  tgt=torch.tensor(tgt, dtype=torch.long), S=S, ng=ng, gneed=gneed, fast=fast,
+                  plain=plain)
         if plain:
             bt.update(pk=pk, pv=pv, pmask=pmask, causal=torch.triu(torch.full((S, S), NEG), diagonal=1))
         else:
@@ -332,16 +337,10 @@ class Batches:
             elif cand is not None:
                 m = self._confirm(items, bucket, bt, m, cand, tgt)
             k = 0
-            for i, n_guard in zip(bucket, bt["ng"]):
-                it = items[i]
-                n = len(it.tpos)
+            for i, n_guard, need in zip(bucket, bt["ng"], bt["gneed"]):
+                n = len(items[i].tpos)
                 margins[i] = m[k:k + n]          # targets only
-                if n_guard and it.base_gmargin is not None:
-                    # the guards the rows can reach: the model must still say its reply's own
-                    # words there (a row before a common trigger pushes the answer at a
-                    # position that predicts the next prompt word)
-                    reach = it.gpos >= it.start
-                    need = np.minimum(GUARD_MARGIN, it.base_gmargin[reach] - GUARD_MARGIN / 2)
+                if need is not None:             # the guards the rows can reach
                     self.guards_ok[i] = bool((m[k + n:k + n + n_guard] >= need).all())
                 k += n + n_guard
         return total, margins

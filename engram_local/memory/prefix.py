@@ -287,9 +287,7 @@ class FrozenPrefix:
         k = 0
         for it, n in zip(items, where):
             lg = logits[k:k + n]
-            nt = len(it.tpos)
-            it.base_margin, it.base_pred = self.margins(lg[:nt], torch.from_numpy(it.ttok))
-            it.base_gmargin = self.margins(lg[nt:], torch.from_numpy(it.gtok))[0] if len(it.gtok) else None
+            self._base_margins(it, lg)
             top = lg.topk(min(cand_k, lg.shape[1]), dim=1).indices.reshape(-1).numpy()
             it.cand = np.unique(np.concatenate([top, it.ttok, it.gtok] + [near[t] for t in it.ttok]).astype(np.int64))
             k += n
@@ -429,12 +427,16 @@ class FrozenPrefix:
                 it.segs, it.kv = [seg], None
                 pos_ = np.concatenate([it.tpos, it.gpos]).astype(np.int64)
                 logits = self.logits(hidden[b, torch.from_numpy(pos_)])
-                nt = len(it.tpos)
-                it.base_margin, it.base_pred = self.margins(logits[:nt], torch.from_numpy(it.ttok))
-                it.base_gmargin = (self.margins(logits[nt:], torch.from_numpy(it.gtok))[0]
-                                   if len(it.gtok) else None)
+                self._base_margins(it, logits)
                 top = logits.topk(min(16, logits.shape[1]), dim=1).indices.reshape(-1).numpy()
                 it.cand = np.unique(np.concatenate([top, it.ttok, it.gtok]).astype(np.int64))
+
+    def _base_margins(self, it, logits):
+        """The unmodified model's margin and prediction at the item's targets, and its margin at
+        the guards, from `logits` at [tpos, gpos]."""
+        nt = len(it.tpos)
+        it.base_margin, it.base_pred = self.margins(logits[:nt], torch.from_numpy(it.ttok))
+        it.base_gmargin = self.margins(logits[nt:], torch.from_numpy(it.gtok))[0] if len(it.gtok) else None
 
     @torch.no_grad()
     def token_logprobs(self, x: torch.Tensor, fast: bool = False) -> torch.Tensor:

@@ -430,12 +430,10 @@ def echo_contexts(facts, tok, per_fact: int = 4) -> dict[str, list[tuple[tuple[i
     for f in facts:                                   # own wordings first, then first come
         if forms[f.id]:
             owner.setdefault(forms[f.id][0][1].lower(), f.id)
+    claims: dict[str, int] = {}                       # reply prefix -> facts that have it
     for f in facts:
         for _, e in forms[f.id]:
             owner.setdefault(e.lower(), f.id)
-    claims: dict[str, int] = {}
-    for f in facts:
-        for _, e in forms[f.id]:
             claims[e.lower()] = claims.get(e.lower(), 0) + 1
     out = {}
     for f in facts:
