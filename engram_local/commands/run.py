@@ -64,6 +64,10 @@ def _err(msg: str) -> None:
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
               help="torch backend device (default cpu; --device cuda with --backend auto picks torch).")
 @click.option("--no-skill", is_flag=True, help="Run without the skill adapter.")
+@click.option("--no-route", is_flag=True,
+              help="Chat replies about your facts open as the model likes, not with the words your memory "
+                   "was written after (by default the likeliest such opening is said first when it is likely "
+                   "enough; docs/chat-memory.md).")
 @click.option("--ignore-eos", is_flag=True, help="Keep generating past end-of-turn tokens (benchmarks).")
 @click.option("--timings", is_flag=True,
               help="Print speed figures as one JSON object, the last line of stderr.")
@@ -72,7 +76,7 @@ def _err(msg: str) -> None:
                    "last --overrides file without asking (default: offer each, one keypress). Questions, "
                    "hypotheticals, quotes, passing states, plans and facts about other people are not taken.")
 def run(model, overrides, prompt, prompt_file, prompts_jsonl, chat, n_predict, temp, top_p, seed, n_ctx,
-        threads, backend, n_gpu_layers, device, no_skill, ignore_eos, timings, auto_remember):
+        threads, backend, n_gpu_layers, device, no_skill, ignore_eos, timings, auto_remember, no_route):
     """Chat with the model, or complete prompts, with your memory.
 
     \b
@@ -113,7 +117,7 @@ def run(model, overrides, prompt, prompt_file, prompts_jsonl, chat, n_predict, t
         raise click.ClickException(str(exc))
     try:
         session = Session(model, overrides=overrides, backend=backend, n_ctx=n_ctx, n_threads=threads,
-                          n_gpu_layers=n_gpu_layers, device=device, skill=not no_skill,
+                          n_gpu_layers=n_gpu_layers, device=device, skill=not no_skill, route=not no_route,
                           allow_missing_last_override=interactive, log=_err)
     except RunError as exc:
         raise click.ClickException(str(exc))
@@ -132,7 +136,7 @@ def run(model, overrides, prompt, prompt_file, prompts_jsonl, chat, n_predict, t
                 ids = session.tokenize(prompt, chat=chat)
                 out = sys.stdout
                 gen = session.generate(ids, n_predict, sampler, on_text=lambda s: (out.write(s), out.flush()),
-                                       ignore_eos=ignore_eos)
+                                       ignore_eos=ignore_eos, opening=_opening(session, ids, chat))
                 total.add(gen.timings)
                 if out.isatty():
                     out.write("\n")
@@ -170,6 +174,12 @@ def _read_text(path: str, what: str) -> str:
         raise click.ClickException(f"{path}: cannot read the {what}: {exc}")
 
 
+def _opening(session, ids, chat: bool = True) -> list[int]:
+    """The tokens a chat reply to `ids` opens with (Session.chat_opening), [] for a completion."""
+    route = session.chat_opening(ids) if chat else None
+    return list(route.opening.tokens) if route is not None else []
+
+
 def _jsonl(session, sampler, n_predict, lines, path, total, ignore_eos=False, chat_default=False) -> int:
     from engram_local.runtime.session import RunError
 
@@ -198,7 +208,8 @@ def _jsonl(session, sampler, n_predict, lines, path, total, ignore_eos=False, ch
             continue
         try:
             ids = session.tokenize(item["prompt"], chat=chat)
-            gen = session.generate(ids, n_predict, sampler, ignore_eos=ignore_eos)
+            gen = session.generate(ids, n_predict, sampler, ignore_eos=ignore_eos,
+                                   opening=_opening(session, ids, chat))
         except RunError as exc:
             _err(f"{path}:{lineno}: {exc}; line skipped")
             bad += 1
@@ -323,7 +334,7 @@ def _chat(session, sampler, n_predict, total, ignore_eos: bool = False, memory=N
         reply = ""
         try:
             gen = session.generate(ids, n_predict, sampler, on_text=lambda s: (out.write(s), out.flush()),
-                                   ignore_eos=ignore_eos)
+                                   ignore_eos=ignore_eos, opening=_opening(session, ids))
             reply = gen.text
             total.add(gen.timings)
         except KeyboardInterrupt:

@@ -264,7 +264,10 @@ class ChatMemoryEval:
                     text = q.text
                 session.reset()
                 try:
-                    reply = session.generate(session.tokenize(text, chat=True), self.s.n_predict, greedy).text
+                    ids = session.tokenize(text, chat=True)
+                    route = session.chat_opening(ids)
+                    reply = session.generate(ids, self.s.n_predict, greedy,
+                                             opening=route.opening.tokens if route else ()).text
                 except PromptTooLong:
                     reply = ""
                 out.append({"kind": q.kind, "question": q.text, "expect": q.expect, "reply": reply,

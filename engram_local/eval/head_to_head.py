@@ -353,7 +353,8 @@ class HeadToHead:
             if fresh:
                 session.reset()
             try:
-                return ids, session.generate(ids, n, greedy)
+                route = session.chat_opening(ids) if chat else None     # as `run` opens a chat reply
+                return ids, session.generate(ids, n, greedy, opening=route.opening.tokens if route else ())
             except PromptTooLong:
                 return ids, None
 

@@ -266,7 +266,6 @@ def _next_ids(taken: set[str], n: int) -> list[str]:
 # "echo"   - the reply that echoes a question made from the fact's words (text.questions), the
 #            form the adapter is trained to answer in (train.skill kind "echo").
 CHAT_FORMS = ("recite",)
-ECHO_FORMS_PER_FACT = 4
 
 
 def fact_inputs(facts, em, tok, chat: bool | None = None, forms: Sequence[str] | None = None) -> list:
@@ -274,7 +273,7 @@ def fact_inputs(facts, em, tok, chat: bool | None = None, forms: Sequence[str] |
     skill adapter) each fact is also fitted in the chat replies of `forms` (default: the adapter's
     own, else CHAT_FORMS)."""
     from engram_local.memory.writer import FactIn
-    from engram_local.text.questions import echo_contexts
+    from engram_local.text.questions import ECHO_FORMS_PER_FACT, echo_contexts
 
     if chat is None:
         chat = getattr(em, "skill_adapter", None) is not None

@@ -24,6 +24,7 @@ background thread (the server). Everything that touches the backend runs under o
 from __future__ import annotations
 
 import collections
+import contextlib
 import queue
 import threading
 import time
@@ -260,6 +261,16 @@ class Engine:
     def generate(self, request: Request) -> Stream:
         """submit + wait: the finished Stream."""
         return self.submit(request).result()
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        """The backend, held by the caller between requests (e.g. to score continuations,
+        runtime.routing): EngineError while a request runs or waits. What the caller leaves in
+        sequence 0 is reused by the next request whose prompt starts with it."""
+        with self._lock:
+            if self.n_active or self._waiting:
+                raise EngineError("the engine is busy with requests")
+            yield self.backend
 
     @property
     def n_active(self) -> int:

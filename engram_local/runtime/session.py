@@ -128,11 +128,12 @@ class Session:
                  n_gpu_layers: int = 0, device: str | None = None, skill: bool = True,
                  allow_missing_last_override: bool = False, log: Callable[[str], None] = _stderr,
                  kv_f32: bool = False, adapter: str | os.PathLike | None = None, n_seq: int = 1,
-                 max_queue: int = 64):
+                 max_queue: int = 64, route: bool = True):
         """adapter: a LoRA adapter GGUF to use instead of the MODEL_DIR's own (`skill` is then
         ignored), e.g. a per-user adapter in the head-to-head evaluation. n_seq: sequences the
         engine decodes together (llama.cpp backend; -c is then per sequence); max_queue: requests
-        the engine queues beyond them."""
+        the engine queues beyond them. route: a chat reply about one of the user's facts opens
+        with the words its rows were fitted after (`chat_opening`, runtime.routing)."""
         from engram_local.runtime import loader
 
         if backend not in BACKENDS:
@@ -141,6 +142,8 @@ class Session:
             raise RunError(f"-c {n_ctx}: the context must hold at least 16 tokens")
         self.log = log
         self.override_paths = [Path(p) for p in overrides]
+        self.route = bool(route) and skill and adapter is None and n_seq == 1
+        self._openings: tuple | None = None     # (files' stat, [routing.Opening])
         if model is not None:
             p = Path(model)
             if not p.exists():
@@ -272,27 +275,80 @@ class Session:
                           template=self.chat_template(), **self.special_tokens())
         return encode_rendered(vocab, rendered)
 
+    # ---------------------------------------------------------------- routing
+    def _memory_openings(self) -> list:
+        """The fitted reply openings of the facts in the override files (runtime.routing), read
+        again when a file changed; [] without memory, or when the skill adapter does not reply by
+        echoing the question (its rows were then fitted after other words)."""
+        from engram_local.formats.eov import read_memory_file
+        from engram_local.formats.lora_adapter import adapter_chat_forms
+        from engram_local.runtime import routing
+
+        if not (self.route and self.override_paths and self.model_dir is not None
+                and self.model_dir.adapter is not None):
+            return []
+        stat = []
+        for p in self.override_paths:
+            try:
+                st = p.stat()
+                stat.append((str(p), st.st_mtime_ns, st.st_size))
+            except FileNotFoundError:
+                stat.append((str(p), None, None))
+        if self._openings is None or self._openings[0] != stat:
+            found = []
+            if "echo" in (adapter_chat_forms(self.model_dir.adapter) or ()):
+                facts = []
+                for p, mtime, _ in stat:
+                    if mtime is not None:
+                        facts += read_memory_file(p).facts
+                found = routing.openings(facts, lambda text: self.backend.tokenize(text, add_bos=False))
+            self._openings = (stat, found)
+        return self._openings[1]
+
+    def chat_opening(self, prompt: Sequence[int]):
+        """The opening (runtime.routing.Route) a chat reply to `prompt` (a rendered chat prompt's
+        ids) starts with: the likeliest of the memory's fitted openings, when likely enough;
+        None otherwise or without memory. Leaves the backend holding `prompt`."""
+        from engram_local.runtime import routing
+
+        try:
+            found = self._memory_openings()
+        except (ValueError, OSError) as exc:        # a file that cannot be read: no routing
+            self.log(f"engram-local: reply openings unavailable: {exc}")
+            self._openings = None
+            return None
+        if not found or len(prompt) >= self.backend.n_ctx - 1:
+            return None
+        with self.engine.exclusive() as be:
+            return routing.best_opening(be, prompt, found)
+
     # ---------------------------------------------------------------- generation
     def generate(self, prompt: Sequence[int], n_predict: int, sampler: Sampler,
-                 on_text: Callable[[str], None] | None = None, ignore_eos: bool = False) -> Generation:
+                 on_text: Callable[[str], None] | None = None, ignore_eos: bool = False,
+                 opening: Sequence[int] = ()) -> Generation:
         """Continue `prompt` by at most n_predict tokens (stopping at an end-of-generation token
-        or a full context, with a notice); streams text through on_text."""
+        or a full context, with a notice); streams text through on_text. `opening`: tokens the
+        reply starts with (said first, counted in n_predict; `chat_opening`)."""
         be = self.backend
         prompt = [int(t) for t in prompt]
+        opening = [int(t) for t in opening][:max(int(n_predict), 0)]
         if not prompt:
             raise RunError("the prompt is empty")
-        if len(prompt) >= be.n_ctx:
+        if len(prompt) + len(opening) >= be.n_ctx:
             raise PromptTooLong(f"the prompt is {len(prompt)} tokens but the context holds {be.n_ctx} "
                                 "(and at least one more is needed to generate): shorten the prompt "
                                 "or raise -c")
-        stream = self.engine.submit(Request(prompt, max_tokens=n_predict, sampler=sampler, ignore_eos=ignore_eos))
         text = _TextStream(be, on_text)
+        for tok in opening:
+            text.push(tok)
+        stream = self.engine.submit(Request(prompt + opening, max_tokens=n_predict - len(opening),
+                                            sampler=sampler, ignore_eos=ignore_eos))
         for tok in stream:
             text.push(tok)
         if stream.finish_reason == "context":
             self.log(f"\nengram-local: the context ({be.n_ctx} tokens, -c) is full: stopped after "
                      f"{len(stream.tokens)} generated tokens")
-        return Generation(text.finish(), stream.tokens, stream.finish_reason, stream.timings)
+        return Generation(text.finish(), opening + list(stream.tokens), stream.finish_reason, stream.timings)
 
     def use_backend(self, backend) -> None:
         """Decode through `backend` from now on (e.g. another build of the same model, as

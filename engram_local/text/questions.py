@@ -66,6 +66,10 @@ RELATED: tuple[tuple[str, ...], ...] = (
     ("employed", "employer", "company"), ("married", "spouse", "partner"),
 )
 
+# Echo forms a fact is fitted in (memory.facade.fact_inputs) and a chat reply may open with
+# (runtime.routing): one number, so the two sides agree.
+ECHO_FORMS_PER_FACT = 4
+
 _WHERE = ("in", "at", "near", "from")
 _ENDINGS = ("in", "at", "near", "from", "as", "to", "with", "for", "on", "by", "of", "a", "an", "the")
 _ARTICLES = ("a", "an", "the")
@@ -406,25 +410,20 @@ def echo_forms(prompt: str, answer: str, facts=(), per_fact: int = 4) -> list[tu
     return forms[:per_fact]
 
 
-def echo_contexts(facts, tok, per_fact: int = 4) -> dict[str, list[tuple[tuple[int, ...], str]]]:
-    """fact id -> [(lead ids, reply prefix)]: each of the fact's echo forms as a chat turn up to
-    the assistant's reply (the runtime's tokens, `render_conversation`), the prefix after it.
-    A reply prefix that two facts would both be fitted in ("My hobby is" for "I enjoy chess" and
-    "I also enjoy pottery") goes to one of them: the same words cannot key two answers. A fact's
-    own wording (its first form) is always its own; a prefix that is no fact's own wording goes to
-    the first fact (in `facts`' order, the ledger's: the one said first) that has it, so a
-    question both could answer gets one of the user's answers, not an invented one, and adding a
-    fact never takes a form from an earlier one. Left out, too, is a reply that goes on from the
-    first two or more tokens of one kept before with other words ("My doctor is" / "My doctor's
-    name is"):
-    the rows at the shared words cannot lead on both ways, and would derail the first reply
-    ("My doctor's doctor is ..."); the question that reply answers gets the kept one.
-    The fact that owns a "My X is" several facts share is also fitted as "My main X is": the
-    first of a person's hobbies is the one asked about as the main one."""
-    from engram_local.text.chat import ChatVocab, render_conversation
-    from engram_local.text.tokens import encode
-
-    vocab = ChatVocab.of(tok)
+def echo_prefixes(facts, encode, per_fact: int = 4) -> dict[str, list[tuple[str, str]]]:
+    """fact id -> [(question, reply prefix)]: the echo forms each fact is fitted in (`encode`:
+    text -> token ids, as the reply is tokenized). A reply prefix that two facts would both be
+    fitted in ("My hobby is" for "I enjoy chess" and "I also enjoy pottery") goes to one of them:
+    the same words cannot key two answers. A fact's own wording (its first form) is always its
+    own; a prefix that is no fact's own wording goes to the first fact (in `facts`' order, the
+    ledger's: the one said first) that has it, so a question both could answer gets one of the
+    user's answers, not an invented one, and adding a fact never takes a form from an earlier
+    one. Left out, too, is a reply that goes on from the first two or more tokens of one kept
+    before with other words ("My doctor is" / "My doctor's name is"): the rows at the shared
+    words cannot lead on both ways, and would derail the first reply ("My doctor's doctor is
+    ..."); the question that reply answers gets the kept one. The fact that owns a "My X is"
+    several facts share is also fitted as "My main X is": the first of a person's hobbies is
+    the one asked about as the main one."""
     forms = {f.id: echo_forms(f.prompt, f.answer, facts, per_fact + 2) for f in facts}
     owner: dict[str, str] = {}
     for f in facts:                                   # own wordings first, then first come
@@ -439,7 +438,7 @@ def echo_contexts(facts, tok, per_fact: int = 4) -> dict[str, list[tuple[tuple[i
     for f in facts:
         kept, heads = [], []
         for i, (q, e) in enumerate(forms[f.id]):
-            ids = encode(tok, e)
+            ids = encode(e)
             if i > 0 and (owner[e.lower()] != f.id or any(_forks(ids, h) for h in heads)):
                 continue
             kept.append((q, e))
@@ -450,13 +449,26 @@ def echo_contexts(facts, tok, per_fact: int = 4) -> dict[str, list[tuple[tuple[i
             m = re.fullmatch(r"My (\w+) (is|are)", e)
             if m and claims[e.lower()] > 1 and owner[e.lower()] == f.id:
                 kept.append((f"What {m.group(2)} my main {m.group(1)}?", f"My main {m.group(1)} {m.group(2)}"))
-                heads.append(encode(tok, kept[-1][1]))
-        kept = kept[:per_fact]
-        out[f.id] = []
+                heads.append(encode(kept[-1][1]))
+        out[f.id] = kept[:per_fact]
+    return out
+
+
+def echo_contexts(facts, tok, per_fact: int = 4) -> dict[str, list[tuple[tuple[int, ...], str]]]:
+    """fact id -> [(lead ids, reply prefix)]: each of the fact's echo forms (`echo_prefixes`) as a
+    chat turn up to the assistant's reply (the runtime's tokens, `render_conversation`), the
+    prefix after it."""
+    from engram_local.text.chat import ChatVocab, render_conversation
+    from engram_local.text.tokens import encode
+
+    vocab = ChatVocab.of(tok)
+    out = {}
+    for fid, kept in echo_prefixes(facts, lambda text: encode(tok, text), per_fact).items():
+        out[fid] = []
         for q, echo in kept:
             ids, _ = render_conversation(vocab, [{"role": "user", "content": q}, {"role": "assistant", "content": ""}],
                                          reply_open=True)
-            out[f.id].append((tuple(ids), echo))
+            out[fid].append((tuple(ids), echo))
     return out
 
 

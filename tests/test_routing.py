@@ -1,0 +1,175 @@
+"""Reply openings (runtime.routing): the scoring against a numpy reference, the choice on a scripted
+backend, the openings the writer fits, a Session reply that opens with given tokens (tiny model,
+both backends) and, slow, the real default model routing a paraphrased question to its fact."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engram_local.runtime import loader, routing
+from tests.runtime_fixtures import shared_model_dir
+
+# Resolved at collection, before any fixture points ENGRAM_LOCAL_HOME elsewhere.
+DEFAULT = loader.default_model_dir()
+
+
+def _log_softmax(x):
+    x = np.asarray(x, np.float64)
+    return x - x.max(-1, keepdims=True) - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True))
+
+
+def test_mean_logprob_matches_a_log_softmax_reference():
+    rng = np.random.default_rng(0)
+    first, rows = rng.normal(size=11).astype(np.float32) * 3, rng.normal(size=(4, 11)).astype(np.float32) * 3
+    tokens = [3, 7, 0, 10]
+    want = np.mean([_log_softmax(first)[3], _log_softmax(rows[0])[7], _log_softmax(rows[1])[0],
+                    _log_softmax(rows[2])[10]])
+    assert routing.mean_logprob(first, rows, tokens) == pytest.approx(want, abs=1e-9)
+
+
+class ScriptedBackend:
+    """One sequence whose next-token logits put `boost` on the token `(last token + 1) % V` and,
+    after token 5, on token 6 (so the continuation [5, 6] is the likeliest); `rollback` False:
+    truncating anywhere but the end starts over, as a backend that cannot roll back."""
+
+    def __init__(self, vocab=8, boost=4.0, rollback=True):
+        self.V, self.boost, self.rollback = vocab, boost, rollback
+        self.tokens, self.n_ctx, self.evals = [], 64, 0
+
+    @property
+    def n_past(self):
+        return len(self.tokens)
+
+    def _logits(self, last):
+        row = np.zeros(self.V, np.float32)
+        row[6 if last == 5 else (last + 1) % self.V] = self.boost
+        return row
+
+    def eval(self, tokens, all_logits=False):
+        self.evals += 1
+        rows = []
+        for t in tokens:
+            self.tokens.append(int(t))
+            rows.append(self._logits(int(t)))
+        return np.stack(rows) if all_logits else rows[-1]
+
+    def truncate(self, n):
+        if n < len(self.tokens) and not self.rollback:
+            self.tokens = []
+        else:
+            del self.tokens[n:]
+
+
+def _opening(fid, tokens):
+    return routing.Opening(fid, f"t{tokens}", tuple(tokens))
+
+
+@pytest.mark.parametrize("rollback", [True, False])
+def test_best_opening_takes_the_likeliest_and_leaves_the_prompt(rollback):
+    be = ScriptedBackend(rollback=rollback)
+    prompt = [1, 2, 4]                      # after 4 comes 5, after 5 comes 6
+    cands = [_opening("f1", [3, 4]), _opening("f2", [5, 6]), _opening("f3", [5, 1])]
+    got = routing.best_opening(be, prompt, cands, min_score=-1.0)
+    assert got is not None and got.opening.fact_id == "f2"
+    lp = _log_softmax(be._logits(4))[5]
+    assert got.score == pytest.approx(lp, abs=1e-6)        # both tokens are the boosted one
+    assert be.tokens == prompt
+    # nothing likely enough: no opening, the prompt still held
+    assert routing.best_opening(be, prompt, cands, min_score=lp + 0.01) is None
+    assert be.tokens == prompt
+    assert routing.best_opening(be, prompt, []) is None
+
+
+def test_best_opening_reuses_what_the_backend_holds():
+    be = ScriptedBackend()
+    be.eval([1, 2, 4, 5, 6])                # an earlier turn: the prompt plus a reply
+    n = be.evals
+    routing.best_opening(be, [1, 2, 4], [_opening("f", [5, 6])], min_score=-10)
+    assert be.tokens == [1, 2, 4] and be.evals == n + 2     # the last prompt token, one candidate
+
+
+def test_openings_are_the_forms_the_writer_fits():
+    from types import SimpleNamespace
+
+    from engram_local.text.questions import echo_prefixes
+
+    facts = [SimpleNamespace(id="f1", prompt="I have a golden retriever named", answer="Biscuit"),
+             SimpleNamespace(id="f2", prompt="My doctor is", answer="Dr. Krause"),
+             SimpleNamespace(id="f3", prompt="My favorite hobby is", answer="bouldering"),
+             SimpleNamespace(id="f4", prompt="I also enjoy", answer="pottery")]
+    encode = lambda text: [ord(c) for c in text]            # noqa: E731 - a stand-in tokenizer
+    got = routing.openings(facts, encode)
+    want = [(fid, e) for fid, forms in echo_prefixes(facts, encode).items() for _, e in forms]
+    assert [(o.fact_id, o.text) for o in got] == want
+    assert all(o.tokens == tuple(encode(o.text)) for o in got)
+    texts = [o.text for o in got]
+    assert "My golden retriever's name is" in texts and "My doctor is" in texts
+    assert "My doctor's name is" not in texts               # forks from "My doctor is" (never fitted)
+
+
+@pytest.mark.parametrize("backend", ["torch", "llama.cpp"])
+def test_a_reply_opens_with_the_given_tokens(tmp_path_factory, backend):
+    if backend == "llama.cpp":
+        pytest.importorskip("llama_cpp")
+    from engram_local.runtime.sampling import Sampler
+    from engram_local.runtime.session import Session
+
+    md = shared_model_dir(tmp_path_factory)
+    s = Session(md, backend=backend, n_ctx=64, n_threads=1)
+    try:
+        prompt = s.tokenize("a b c")
+        opening = s.tokenize(" d e")
+        plain = s.generate(prompt + opening, 6, Sampler(temp=0))
+        s.reset()
+        seen = []
+        got = s.generate(prompt, 6 + len(opening), Sampler(temp=0), on_text=seen.append, opening=opening)
+        assert got.tokens == opening + plain.tokens
+        assert "".join(seen) == got.text and got.text.startswith(s.backend.detokenize(opening))
+        assert s.chat_opening(prompt) is None                # no memory: nothing to route to
+    finally:
+        s.close()
+
+
+@pytest.mark.slow
+def test_default_model_routes_a_paraphrase_to_its_fact(tmp_path):
+    """The real default model: a fact said one way, asked another; a general question is left alone."""
+    pytest.importorskip("llama_cpp")
+    default = DEFAULT
+    if not (default / "engram.gguf").exists():
+        pytest.skip(f"the default model is not built at {default}")
+    from engram_local.memory import facade as memory
+    from engram_local.runtime.sampling import Sampler
+    from engram_local.runtime.session import Session
+
+    em, tok, fp = memory.load_model_for_memory(default)
+    eov = tmp_path / "me.eov"
+    memory.remember(eov, [memory.NewFact(prompt="My manager is", answer="Ingrid Holm"),
+                          memory.NewFact(prompt="I drive a", answer="red Volvo")], em, tok, fp)
+    s = Session(default, overrides=[eov], backend="llama.cpp", n_ctx=256, n_threads=2)
+    try:
+        # unrouted, the echo adapter answers in the question's words ("I own a Honda Civic.")
+        ids = s.tokenize("What vehicle do I own?", chat=True)
+        route = s.chat_opening(ids)
+        assert route is not None and route.opening.fact_id == "f2", route
+        reply = s.generate(ids, 16, Sampler(temp=0), opening=route.opening.tokens).text
+        assert "Volvo" in reply, reply
+        assert s.chat_opening(s.tokenize("What is the capital of France?", chat=True)) is None
+    finally:
+        s.close()
+    off = Session(default, overrides=[eov], backend="llama.cpp", n_ctx=256, n_threads=2, route=False)
+    try:
+        assert off.chat_opening(off.tokenize("What vehicle do I own?", chat=True)) is None
+    finally:
+        off.close()
+
+
+def test_many_openings_are_shortlisted_by_their_first_two_tokens():
+    be = ScriptedBackend(vocab=16)
+    prompt = [1, 2, 4]
+    cands = [_opening(f"g{i}", [i, (i + 3) % 16, 9]) for i in range(10)]   # none likely at the 2nd
+    cands.insert(4, _opening("right", [5, 6, 7]))
+    got = routing.best_opening(be, prompt, cands, min_score=-10, keep=3)
+    assert got is not None and got.opening.fact_id == "right"
+    # the prompt's last token, one call per distinct first token (10: "right" shares 5), three whole
+    assert be.evals == 1 + 10 + 3 and be.tokens == prompt
