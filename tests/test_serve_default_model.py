@@ -60,6 +60,26 @@ def test_memory_written_through_the_api_is_recalled_then_forgotten(live):
     assert "Okonkwo" in _ask(client, "bo")
 
 
+def test_a_paraphrased_question_is_routed_to_the_fact_over_http(live):
+    """The reply opens with the words the user's rows were fitted after, as `run` opens it
+    (runtime.routing), streamed and counted as completion tokens."""
+    base, _ = live
+    client = openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0, timeout=120)
+    job = call(base, "POST", "/v1/memories", {"user": "cy", "statement": "I drive a red Volvo."})[1]["id"]
+    assert wait_job(base, job)["status"] == "done"
+    r = client.chat.completions.create(model="default", user="cy", max_tokens=16, temperature=0,
+                                       messages=[{"role": "user", "content": "What vehicle do I own?"}])
+    text = r.choices[0].message.content
+    assert "Volvo" in text, text
+    assert r.usage.completion_tokens >= 4          # the opening's tokens count as the reply's
+    chunks = client.chat.completions.create(model="default", user="cy", max_tokens=16, temperature=0,
+                                            stream=True,
+                                            messages=[{"role": "user", "content": "What vehicle do I own?"}])
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    general = _ask(client, "cy", "What is the capital of France?")
+    assert "Paris" in general, general
+
+
 def _browser():
     if not (shutil.which("chromium") and shutil.which("chromedriver")):
         pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")

@@ -262,6 +262,26 @@ class Engine:
         """submit + wait: the finished Stream."""
         return self.submit(request).result()
 
+    def opening(self, prompt: Sequence[int], candidates, stack=None):
+        """The runtime.routing.Route a chat reply to `prompt` (token ids) on `stack` (a user's
+        override stack, None: the backend's own) opens with, scored on sequence 0 while no request
+        runs (runtime.routing.best_opening); None when none is likely enough, or when the engine is
+        busy (the reply then opens as the model likes). Sequence 0 is left holding `prompt` for
+        that stack, which the next request reuses."""
+        from engram_local.runtime import routing
+
+        if not candidates:
+            return None
+        try:
+            with self.exclusive() as be:
+                slot = self.slots[0]
+                if slot.stack is not stack:
+                    be.set_seq_stack(0, stack)      # another user's rows: sequence 0 starts over
+                    slot.stack = stack
+                return routing.best_opening(be, prompt, candidates)
+        except EngineError:
+            return None
+
     @contextlib.contextmanager
     def exclusive(self):
         """The backend, held by the caller between requests (e.g. to score continuations,

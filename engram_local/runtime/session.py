@@ -142,7 +142,7 @@ class Session:
             raise RunError(f"-c {n_ctx}: the context must hold at least 16 tokens")
         self.log = log
         self.override_paths = [Path(p) for p in overrides]
-        self.route = bool(route) and skill and adapter is None and n_seq == 1
+        self.route = bool(route) and skill and adapter is None
         self._openings: tuple | None = None     # (files' stat, [routing.Opening])
         if model is not None:
             p = Path(model)
@@ -276,16 +276,30 @@ class Session:
         return encode_rendered(vocab, rendered)
 
     # ---------------------------------------------------------------- routing
+    @property
+    def echo_replies(self) -> bool:
+        """Whether chat replies may open with a memory's fitted openings: routing on, and the
+        skill adapter replies by echoing the question (else the rows were fitted after other
+        words)."""
+        from engram_local.formats.lora_adapter import adapter_chat_forms
+
+        if not (self.route and self.model_dir is not None and self.model_dir.adapter is not None):
+            return False
+        if not hasattr(self, "_echo"):
+            self._echo = "echo" in (adapter_chat_forms(self.model_dir.adapter) or ())
+        return self._echo
+
+    def reply_tokenize(self, text: str) -> list[int]:
+        """Token ids of reply text as the model writes it (no BOS)."""
+        return self.backend.tokenize(text, add_bos=False)
+
     def _memory_openings(self) -> list:
         """The fitted reply openings of the facts in the override files (runtime.routing), read
-        again when a file changed; [] without memory, or when the skill adapter does not reply by
-        echoing the question (its rows were then fitted after other words)."""
+        again when a file changed; [] without memory or without `echo_replies`."""
         from engram_local.formats.eov import read_memory_file
-        from engram_local.formats.lora_adapter import adapter_chat_forms
         from engram_local.runtime import routing
 
-        if not (self.route and self.override_paths and self.model_dir is not None
-                and self.model_dir.adapter is not None):
+        if not (self.override_paths and self.echo_replies):
             return []
         stat = []
         for p in self.override_paths:
@@ -295,22 +309,17 @@ class Session:
             except FileNotFoundError:
                 stat.append((str(p), None, None))
         if self._openings is None or self._openings[0] != stat:
-            found = []
-            if "echo" in (adapter_chat_forms(self.model_dir.adapter) or ()):
-                facts = []
-                for p, mtime, _ in stat:
-                    if mtime is not None:
-                        facts += read_memory_file(p).facts
-                found = routing.openings(facts, lambda text: self.backend.tokenize(text, add_bos=False))
-            self._openings = (stat, found)
+            facts = []
+            for p, mtime, _ in stat:
+                if mtime is not None:
+                    facts += read_memory_file(p).facts
+            self._openings = (stat, routing.openings(facts, self.reply_tokenize))
         return self._openings[1]
 
     def chat_opening(self, prompt: Sequence[int]):
         """The opening (runtime.routing.Route) a chat reply to `prompt` (a rendered chat prompt's
         ids) starts with: the likeliest of the memory's fitted openings, when likely enough;
         None otherwise or without memory. Leaves the backend holding `prompt`."""
-        from engram_local.runtime import routing
-
         try:
             found = self._memory_openings()
         except (ValueError, OSError) as exc:        # a file that cannot be read: no routing
@@ -319,8 +328,7 @@ class Session:
             return None
         if not found or len(prompt) >= self.backend.n_ctx - 1:
             return None
-        with self.engine.exclusive() as be:
-            return routing.best_opening(be, prompt, found)
+        return self.engine.opening(prompt, found)
 
     # ---------------------------------------------------------------- generation
     def generate(self, prompt: Sequence[int], n_predict: int, sampler: Sampler,

@@ -180,13 +180,17 @@ class Generation:
     generated; afterwards `finish_reason` (OpenAI's) and `usage` describe it. Leaving `pieces()`
     early (a client gone) cancels the request: its sequence is freed at the next step."""
 
-    def __init__(self, engine, backend, params: GenParams, *, prompt=None, messages=None, stack=None):
+    def __init__(self, engine, backend, params: GenParams, *, prompt=None, messages=None, stack=None,
+                 opening=()):
+        """opening: token ids the reply starts with (runtime.routing), already at the end of
+        `prompt` (ids); they are the reply's first text and count as completion tokens."""
         self.loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         self.params, self.backend = params, backend
+        self.opening = [int(t) for t in opening]
         n_max = params.max_tokens if params.max_tokens is not None else backend.n_ctx
-        self.request = Request(prompt=prompt, messages=messages, max_tokens=n_max, sampler=params.sampler,
-                               stack=stack, on_update=self._notify)
+        self.request = Request(prompt=prompt, messages=messages, max_tokens=max(n_max - len(self.opening), 0),
+                               sampler=params.sampler, stack=stack, on_update=self._notify)
         self.engine = engine
         self.stream = None
         self.finish_reason: str | None = None
@@ -212,8 +216,8 @@ class Generation:
 
     @property
     def usage(self) -> dict:
-        st = self.stream
-        p, c = (len(st.prompt), len(st.tokens)) if st is not None else (0, 0)
+        st, k = self.stream, len(self.opening)
+        p, c = (len(st.prompt) - k, len(st.tokens) + k) if st is not None else (0, 0)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
     async def pieces(self, gone=None):
@@ -221,6 +225,8 @@ class Generation:
         (checked while waiting), for routes that do not stream."""
         st, out = self.stream, []
         text = _TextStream(self.backend, out.append)
+        for t in self.opening:
+            text.push(t)
         stop = StopText(self.params.stops)
         seen, checked = 0, time.monotonic()
         try:

@@ -154,9 +154,26 @@ async def _start(request: Request, state: ServerState, body: dict, **prompt) -> 
     user = api.request_user(body, request.headers.get("x-engram-user"))
     params = api.gen_params(body)
     stack = await _user_stack(state, user)
+    if prompt.get("messages") is not None and stack is not None and state.session.echo_replies:
+        prompt = await anyio.to_thread.run_sync(_opened, state, user, stack, prompt["messages"])
     gen = Generation(state.engine, state.session.backend, params, stack=stack, **prompt)
     await anyio.to_thread.run_sync(gen.submit)
     return gen, user
+
+
+def _opened(state: ServerState, user: str, stack, messages: list[dict]) -> dict:
+    """The prompt of a chat request whose reply opens with the likeliest of the user's fitted
+    openings (`run`'s rule, runtime.routing; scored only while the engine is idle): {"prompt":
+    ids + opening, "opening": opening}, or {"messages": messages} as it came."""
+    try:
+        ids = state.session.encode(None, messages)
+        found = state.store.openings(user, state.session.reply_tokenize)
+        route = state.engine.opening(ids, found, stack) if len(ids) < state.session.n_ctx - 1 else None
+    except Exception:  # noqa: BLE001 - no opening; the request reports its own problems as before
+        route = None
+    if route is None:
+        return {"messages": messages}
+    return {"prompt": ids + list(route.opening.tokens), "opening": route.opening.tokens}
 
 
 # --------------------------------------------------------------------------- OpenAI routes

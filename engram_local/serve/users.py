@@ -69,6 +69,7 @@ class UserMemories:
         self.max_open = max_open
         self._lock = threading.Lock()
         self._stacks: collections.OrderedDict[str, tuple[object, object]] = collections.OrderedDict()
+        self._openings: dict[str, tuple[object, list]] = {}     # user -> (memory version, openings)
 
     @property
     def directory(self) -> Path | None:
@@ -105,6 +106,26 @@ class UserMemories:
     @property
     def n_open(self) -> int:
         return len(self._stacks)
+
+    def openings(self, user: str | None, tokenize: Callable[[str], list[int]]) -> list:
+        """The reply openings `user`'s memory was fitted after (runtime.routing.openings), kept
+        per memory version; [] without a user or a memory."""
+        from engram_local.formats.eov import parse_memory_bytes
+        from engram_local.runtime import routing
+
+        m = self.get(user) if user is not None else None
+        if m is None:
+            return []
+        with self._lock:
+            hit = self._openings.get(user)
+            if hit is not None and hit[0] == m.version:
+                return hit[1]
+        found = routing.openings(parse_memory_bytes(m.data, f"memory of {user!r}").facts, tokenize)
+        with self._lock:
+            self._openings[user] = (m.version, found)
+            while len(self._openings) > self.max_open:
+                self._openings.pop(next(iter(self._openings)))
+        return found
 
     def facts(self, user: str) -> list[dict]:
         """The user's facts as the memory routes list them: id, prompt, answer, rows, time."""
