@@ -175,9 +175,8 @@ def _read_text(path: str, what: str) -> str:
 
 
 def _opening(session, ids, chat: bool = True) -> list[int]:
-    """The tokens a chat reply to `ids` opens with (Session.chat_opening), [] for a completion."""
-    route = session.chat_opening(ids) if chat else None
-    return list(route.opening.tokens) if route is not None else []
+    """The tokens a chat reply to `ids` opens with (Session.reply_opening), [] for a completion."""
+    return session.reply_opening(ids) if chat else []
 
 
 def _jsonl(session, sampler, n_predict, lines, path, total, ignore_eos=False, chat_default=False) -> int:

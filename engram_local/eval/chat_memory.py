@@ -265,9 +265,8 @@ class ChatMemoryEval:
                 session.reset()
                 try:
                     ids = session.tokenize(text, chat=True)
-                    route = session.chat_opening(ids)
                     reply = session.generate(ids, self.s.n_predict, greedy,
-                                             opening=route.opening.tokens if route else ()).text
+                                             opening=session.reply_opening(ids)).text
                 except PromptTooLong:
                     reply = ""
                 out.append({"kind": q.kind, "question": q.text, "expect": q.expect, "reply": reply,

@@ -353,8 +353,8 @@ class HeadToHead:
             if fresh:
                 session.reset()
             try:
-                route = session.chat_opening(ids) if chat else None     # as `run` opens a chat reply
-                return ids, session.generate(ids, n, greedy, opening=route.opening.tokens if route else ())
+                opening = session.reply_opening(ids) if chat else []     # as `run` opens a chat reply
+                return ids, session.generate(ids, n, greedy, opening=opening)
             except PromptTooLong:
                 return ids, None
 

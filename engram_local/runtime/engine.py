@@ -265,12 +265,12 @@ class Engine:
     def opening(self, prompt: Sequence[int], candidates, stack=None):
         """The runtime.routing.Route a chat reply to `prompt` (token ids) on `stack` (a user's
         override stack, None: the backend's own) opens with, scored on sequence 0 while no request
-        runs (runtime.routing.best_opening); None when none is likely enough, or when the engine is
-        busy (the reply then opens as the model likes). Sequence 0 is left holding `prompt` for
+        runs (runtime.routing.best_opening); None when none is likely enough, when the prompt leaves
+        no room, or when the engine is busy (the reply then opens as the model likes). Sequence 0 is left holding `prompt` for
         that stack, which the next request reuses."""
         from engram_local.runtime import routing
 
-        if not candidates:
+        if not candidates or len(prompt) >= self.backend.n_ctx - 1:
             return None
         try:
             with self.exclusive() as be:

@@ -65,17 +65,15 @@ def mean_logprob(first_logits: np.ndarray, rows: np.ndarray, tokens: Sequence[in
     """Mean log-probability of `tokens` given the logits before the first (`first_logits`,
     [n_vocab]) and the logits after each of them (`rows`, [len(tokens), n_vocab]; its last row
     is not used)."""
-    logits = np.vstack([first_logits[None, :], rows[:len(tokens) - 1]]).astype(np.float64)
-    top = logits.max(axis=1, keepdims=True)
-    lse = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
-    picked = logits[np.arange(len(tokens)), np.asarray(tokens)]
-    return float((picked - lse).mean())
+    lp = _log_softmax(np.vstack([first_logits[None, :], rows[:len(tokens) - 1]]))
+    return float(lp[np.arange(len(tokens)), np.asarray(tokens)].mean())
 
 
-def _log_softmax(row: np.ndarray) -> np.ndarray:
-    row = row.astype(np.float64)
-    top = row.max()
-    return row - top - np.log(np.exp(row - top).sum())
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    """log softmax over the last axis, in float64."""
+    x = logits.astype(np.float64)
+    top = x.max(axis=-1, keepdims=True)
+    return x - top - np.log(np.exp(x - top).sum(axis=-1, keepdims=True))
 
 
 def best_opening(backend, prompt: Sequence[int], candidates: Sequence[Opening],

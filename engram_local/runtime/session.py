@@ -17,6 +17,7 @@ cache and the Engram state are rolled back to the common prefix.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from dataclasses import dataclass, field
@@ -276,7 +277,7 @@ class Session:
         return encode_rendered(vocab, rendered)
 
     # ---------------------------------------------------------------- routing
-    @property
+    @functools.cached_property
     def echo_replies(self) -> bool:
         """Whether chat replies may open with a memory's fitted openings: routing on, and the
         skill adapter replies by echoing the question (else the rows were fitted after other
@@ -285,9 +286,7 @@ class Session:
 
         if not (self.route and self.model_dir is not None and self.model_dir.adapter is not None):
             return False
-        if not hasattr(self, "_echo"):
-            self._echo = "echo" in (adapter_chat_forms(self.model_dir.adapter) or ())
-        return self._echo
+        return "echo" in (adapter_chat_forms(self.model_dir.adapter) or ())
 
     def reply_tokenize(self, text: str) -> list[int]:
         """Token ids of reply text as the model writes it (no BOS)."""
@@ -326,9 +325,12 @@ class Session:
             self.log(f"engram-local: reply openings unavailable: {exc}")
             self._openings = None
             return None
-        if not found or len(prompt) >= self.backend.n_ctx - 1:
-            return None
         return self.engine.opening(prompt, found)
+
+    def reply_opening(self, prompt: Sequence[int]) -> list[int]:
+        """The tokens of `chat_opening` ([] when there is none): `generate(..., opening=)`."""
+        route = self.chat_opening(prompt)
+        return list(route.opening.tokens) if route is not None else []
 
     # ---------------------------------------------------------------- generation
     def generate(self, prompt: Sequence[int], n_predict: int, sampler: Sampler,

@@ -168,7 +168,7 @@ def _opened(state: ServerState, user: str, stack, messages: list[dict]) -> dict:
     try:
         ids = state.session.encode(None, messages)
         found = state.store.openings(user, state.session.reply_tokenize)
-        route = state.engine.opening(ids, found, stack) if len(ids) < state.session.n_ctx - 1 else None
+        route = state.engine.opening(ids, found, stack)
     except Exception:  # noqa: BLE001 - no opening; the request reports its own problems as before
         route = None
     if route is None:
