@@ -6,7 +6,8 @@ holds and the time `Session.chat_opening` takes per question (llama.cpp, the def
 
 Each file is timed over the same questions (general and personal ones, none from the persona
 files), the session reset before each, so every question pays its whole prompt; the decode of
-the prompt alone is timed too (what any reply pays first).
+the prompt alone is timed too (what any reply pays first). An opening's prior is taken the first
+time it is needed and kept (`priors_taken`: how many were; the max is a question that took one).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def main() -> None:
                 routed += s.chat_opening(ids) is not None
                 route_s.append(time.perf_counter() - t)
             row = {"file": path, "openings": n, "questions": len(QUESTIONS), "routed": routed,
+                   "priors_taken": len(s._memory_openings().priors),
                    "chat_opening_ms_median": round(1000 * statistics.median(route_s), 1),
                    "chat_opening_ms_max": round(1000 * max(route_s), 1),
                    "prompt_only_ms_median": round(1000 * statistics.median(prompt_s), 1)}

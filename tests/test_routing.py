@@ -173,3 +173,33 @@ def test_many_openings_are_shortlisted_by_their_first_two_tokens():
     assert got is not None and got.opening.fact_id == "right"
     # the prompt's last token, one call per distinct first token (10: "right" shares 5), three whole
     assert be.evals == 1 + 10 + 3 and be.tokens == prompt
+
+
+def test_gate_is_the_mean_of_likelihood_and_lift():
+    assert routing.gate(-2.0, -5.0) == pytest.approx((-2.0 + 3.0) / 2)
+    assert routing.gate(-1.0, -1.0) >= -1.0                 # never below the likelihood
+    o = _opening("f", [1])
+    assert routing.Route(o, -2.0).gate == -2.0             # no prior taken: the likelihood alone
+    assert routing.Route(o, -2.0, -5.0).gate == routing.gate(-2.0, -5.0)
+
+
+def test_an_opening_far_likelier_than_its_prior_is_said():
+    """Not likely enough on its own, but after neutral turns much less likely still: said; as likely
+    after a neutral turn as here: not said. The prior is taken once per opening (Openings.priors)."""
+    be = ScriptedBackend(boost=2.0)
+    prompt = [1, 2, 4]                      # after 4 comes 5, after 5 comes 6
+    lp = _log_softmax(be._logits(4))[5]                     # -0.67: each boosted token
+    other = _log_softmax(be._logits(4))[0]                  # -2.67: any other
+    cands = routing.Openings([_opening("f", [5, 6])])
+    assert routing.best_opening(be, prompt, cands, min_score=-0.3) is None         # no neutral turns
+    got = routing.best_opening(be, prompt, cands, neutral=[[1, 2, 7]], min_score=-0.3)
+    assert got is not None and got.opening.fact_id == "f" and be.tokens == prompt
+    assert got.score == pytest.approx(lp) and got.prior == pytest.approx((other + lp) / 2)
+    assert cands.priors == {cands[0]: pytest.approx((other + lp) / 2)}
+    n = be.evals
+    assert routing.best_opening(be, prompt, cands, neutral=[[1, 2, 7]], min_score=-0.3) is not None
+    assert be.evals == n + 2 and be.tokens == prompt        # the last prompt token, the opening
+    # a neutral turn after which it is just as likely (the prompt itself): no lift, not said
+    fresh = routing.Openings([_opening("f", [5, 6])])
+    assert routing.best_opening(be, prompt, fresh, neutral=[[3, 2, 4], [1, 2, 7]], min_score=-0.3) is None
+    assert fresh.priors[fresh[0]] == pytest.approx(lp) and be.tokens == prompt

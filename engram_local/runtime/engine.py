@@ -262,10 +262,11 @@ class Engine:
         """submit + wait: the finished Stream."""
         return self.submit(request).result()
 
-    def opening(self, prompt: Sequence[int], candidates, stack=None):
+    def opening(self, prompt: Sequence[int], candidates, stack=None, neutral: Sequence[Sequence[int]] = ()):
         """The runtime.routing.Route a chat reply to `prompt` (token ids) on `stack` (a user's
         override stack, None: the backend's own) opens with, scored on sequence 0 while no request
-        runs (runtime.routing.best_opening); None when none is likely enough, when the prompt leaves
+        runs (runtime.routing.best_opening; `neutral`: the token ids of routing.NEUTRAL_TURNS
+        rendered as `prompt` was); None when the likeliest does not pass the gate, when the prompt leaves
         no room, or when the engine is busy (the reply then opens as the model likes). Sequence 0 is left holding `prompt` for
         that stack, which the next request reuses."""
         from engram_local.runtime import routing
@@ -278,7 +279,7 @@ class Engine:
                 if slot.stack is not stack:
                     be.set_seq_stack(0, stack)      # another user's rows: sequence 0 starts over
                     slot.stack = stack
-                return routing.best_opening(be, prompt, candidates)
+                return routing.best_opening(be, prompt, candidates, neutral)
         except EngineError:
             return None
 

@@ -6,14 +6,20 @@ fact (`text.questions.echo_prefixes`, the writer's own rule). A question worded 
 ("Remind me what my pet is called?") leads the reply through other words ("My pet is called a
 cat."), where no row is read. The router asks the model itself which of those fitted openings
 it finds likeliest after the user's turn - the mean log-probability of each opening's tokens,
-teacher forced - and, when the best one is likely enough (`MIN_MEAN_LOGPROB`), the reply starts
+teacher forced - and, when the best one passes the gate (`MIN_GATE`, below), the reply starts
 with it; the rows then give the answer. Zero prompt tokens: the question is unchanged, only
-the reply's first words are chosen, and a turn about nothing the user said (general questions)
-scores far below the bound and is answered as without routing.
+the reply's first words are chosen.
 
-Measured (docs/chat-memory.md, "Session 12"): the opening of the right fact is the likeliest
-for 45/45 direct and 74/90 paraphrased questions of the dev personas, 100/105 and 148/210 of the
-others; the bound -1.5 routes none of their general questions (best openings -1.6 ... -5.9).
+Whether the best opening is said at all is judged by how likely it is here and by how much more
+likely than after turns that ask about nothing in particular (`NEUTRAL_TURNS`, its prior): a
+paraphrase makes its fact's opening far likelier than usual even when not likely outright
+("Who do I report to at work?" -> "My manager is"), a turn about nothing the user said (general
+questions) does neither and is answered as without routing.
+
+Measured (docs/chat-memory.md, "Session 13"): the opening of the right fact is the likeliest
+for 45/45 direct and 75/90 paraphrased questions of the dev personas; at the gate it is said for
+44/45 and 67/90 (the likelihood alone, session 12: 42/45 and 55/90), and for none of the general
+questions of the dev personas or of the others.
 """
 
 from __future__ import annotations
@@ -24,11 +30,14 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-# An opening is said only when its tokens' mean log-probability (natural log) after the user's
-# turn is at least this: right openings of direct questions score -0.01 median (-3.9 worst),
-# of paraphrased ones -0.6; the best opening of a general question -1.6 or lower (dev personas;
-# -2.5 or lower on the others).
-MIN_MEAN_LOGPROB = -1.5
+# An opening is said only when its gate - the mean of its likelihood after the user's turn (mean
+# token log-probability, natural log) and its lift over its prior (that minus the best of its
+# likelihoods after NEUTRAL_TURNS) - reaches this. The best opening of a general question gates at
+# -1.24 or lower on the dev personas (-1.56 on the others); the bound leaves a quarter nat above.
+MIN_GATE = -1.0
+# User turns about nothing in particular: an opening's prior is its likelihood after the likeliest.
+NEUTRAL_TURNS = ("Hi.", "Tell me about myself.", "What do you know about me?",
+                 "Can you help me with something?")
 # Openings scored whole, the likeliest by their first two tokens (best_opening).
 SHORTLIST = 6
 
@@ -43,15 +52,36 @@ class Opening:
 @dataclass(frozen=True)
 class Route:
     opening: Opening
-    score: float                  # mean log-probability of its tokens
+    score: float                  # mean log-probability of its tokens after the prompt
+    prior: float | None = None    # ... after the likeliest neutral turn (None: not needed)
+
+    @property
+    def gate(self) -> float:
+        """What MIN_GATE bounds: the mean of the likelihood and the lift over the prior."""
+        return self.score if self.prior is None else gate(self.score, self.prior)
 
 
-def openings(facts, tokenize: Callable[[str], list[int]], per_fact: int | None = None) -> list[Opening]:
+def gate(score: float, prior: float) -> float:
+    """The mean of `score` and of `score - prior` (the opening's lift). Never below `score`: a
+    prior is a mean log-probability, at most 0."""
+    return (score + (score - prior)) / 2
+
+
+class Openings(list):
+    """A memory's fitted openings (a list of Opening) and, filled in as routing needs them, their
+    priors (`best_opening`; they depend on the memory's rows, so one Openings per memory version)."""
+
+    def __init__(self, items=()):
+        super().__init__(items)
+        self.priors: dict[Opening, float] = {}
+
+
+def openings(facts, tokenize: Callable[[str], list[int]], per_fact: int | None = None) -> Openings:
     """Every fitted opening of the ledger facts `facts` (objects with id, prompt, answer), in
     ledger order, one per distinct token sequence (`per_fact`: as the writer, ECHO_FORMS_PER_FACT)."""
     from engram_local.text.questions import ECHO_FORMS_PER_FACT, echo_prefixes
 
-    out, seen = [], set()
+    out, seen = Openings(), set()
     for fid, forms in echo_prefixes(facts, tokenize, per_fact or ECHO_FORMS_PER_FACT).items():
         for _, text in forms:
             ids = tuple(tokenize(text))
@@ -76,36 +106,66 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - top - np.log(np.exp(x - top).sum(axis=-1, keepdims=True))
 
 
-def best_opening(backend, prompt: Sequence[int], candidates: Sequence[Opening],
-                 min_score: float = MIN_MEAN_LOGPROB, keep: int = SHORTLIST) -> Route | None:
-    """The likeliest of `candidates` after `prompt` on `backend`'s sequence (left holding
-    `prompt`), or None when none reaches `min_score`. The caller holds the backend.
-
-    Each decode call reads the whole model, so the candidates are not scored one by one: their
-    first two tokens are (one call per distinct first token), and only the `keep` likeliest by
-    those are scored whole."""
-    if not candidates:
-        return None
-    prompt = [int(t) for t in prompt]
+def _hold(backend, prompt: list[int]) -> np.ndarray:
+    """Leave `backend`'s sequence holding `prompt` (reusing what it holds) and return the logits
+    after its last token."""
     held = backend.tokens
     common = 0
     while common < min(len(held), len(prompt) - 1) and held[common] == prompt[common]:
         common += 1
     backend.truncate(common)
-    first = backend.eval(prompt[backend.n_past:])
+    return backend.eval(prompt[backend.n_past:])
 
-    def back_to_prompt():
-        backend.truncate(len(prompt))
-        if backend.n_past != len(prompt):        # a backend that could not roll back started over
-            backend.eval(prompt[backend.n_past:])
 
+def _score(backend, prompt: list[int], first: np.ndarray, c: Opening) -> float:
+    """Mean log-probability of `c` after `prompt` (held, `first` its logits); `prompt` held again."""
+    rows = backend.eval(list(c.tokens), all_logits=True)
+    _back(backend, prompt)
+    return mean_logprob(first, rows, c.tokens)
+
+
+def _back(backend, prompt: list[int]) -> None:
+    """Back to holding `prompt` after decoding past it."""
+    backend.truncate(len(prompt))
+    if backend.n_past != len(prompt):        # a backend that could not roll back started over
+        backend.eval(prompt[backend.n_past:])
+
+
+def prior(backend, c: Opening, neutral: Sequence[Sequence[int]]) -> float:
+    """The likelihood of `c` after the likeliest of the `neutral` prompts (token ids of
+    NEUTRAL_TURNS, rendered as the caller renders its prompts); the backend's sequence is left
+    holding the last of them. 0 (no lift) when none fits the context."""
+    best = -math.inf
+    for p in neutral:
+        p = [int(t) for t in p]
+        if len(p) + len(c.tokens) < backend.n_ctx:
+            best = max(best, _score(backend, p, _hold(backend, p), c))
+    return best if math.isfinite(best) else 0.0
+
+
+def best_opening(backend, prompt: Sequence[int], candidates: Sequence[Opening],
+                 neutral: Sequence[Sequence[int]] = (), min_score: float = MIN_GATE,
+                 keep: int = SHORTLIST) -> Route | None:
+    """The likeliest of `candidates` after `prompt` on `backend`'s sequence (left holding
+    `prompt`), or None when its gate (`Route.gate`, its prior taken after each of the `neutral`
+    prompts; without them the likelihood alone) does not reach `min_score`. The caller holds the
+    backend. Priors are kept in `candidates.priors` when it is an Openings.
+
+    Each decode call reads the whole model, so the candidates are not scored one by one: their
+    first two tokens are (one call per distinct first token), and only the `keep` likeliest by
+    those are scored whole. A prior costs a decode per neutral prompt, once per opening, and only
+    when the likelihood alone falls short (the gate is never below it)."""
+    if not candidates:
+        return None
+    prompt = [int(t) for t in prompt]
+    first = _hold(backend, prompt)
     room = [c for c in candidates if len(prompt) + len(c.tokens) < backend.n_ctx]
     lp_first = _log_softmax(first)
     after: dict[int, np.ndarray] = {}
     if len(room) > keep:
         for t in dict.fromkeys(c.tokens[0] for c in room if len(c.tokens) > 1):
             after[t] = _log_softmax(backend.eval([t]))
-            back_to_prompt()
+            _back(backend, prompt)
 
         def head(c: Opening) -> float:
             if len(c.tokens) == 1:
@@ -115,9 +175,14 @@ def best_opening(backend, prompt: Sequence[int], candidates: Sequence[Opening],
         room = sorted(room, key=head, reverse=True)[:keep]
     best: Route | None = None
     for c in room:
-        rows = backend.eval(list(c.tokens), all_logits=True)
-        back_to_prompt()
-        score = mean_logprob(first, rows, c.tokens)
+        score = _score(backend, prompt, first, c)
         if math.isfinite(score) and (best is None or score > best.score):
             best = Route(c, score)
-    return best if best is not None and best.score >= min_score else None
+    if best is None or best.score >= min_score or not neutral:
+        return best if best is not None and best.score >= min_score else None
+    priors = candidates.priors if isinstance(candidates, Openings) else {}
+    if best.opening not in priors:
+        priors[best.opening] = prior(backend, best.opening, neutral)
+        _hold(backend, prompt)
+    best = Route(best.opening, best.score, priors[best.opening])
+    return best if best.gate >= min_score else None

@@ -144,7 +144,7 @@ class Session:
         self.log = log
         self.override_paths = [Path(p) for p in overrides]
         self.route = bool(route) and skill and adapter is None
-        self._openings: tuple | None = None     # (files' stat, [routing.Opening])
+        self._openings: tuple | None = None     # (files' stat, routing.Openings)
         if model is not None:
             p = Path(model)
             if not p.exists():
@@ -317,7 +317,7 @@ class Session:
 
     def chat_opening(self, prompt: Sequence[int]):
         """The opening (runtime.routing.Route) a chat reply to `prompt` (a rendered chat prompt's
-        ids) starts with: the likeliest of the memory's fitted openings, when likely enough;
+        ids) starts with: the likeliest of the memory's fitted openings, when it passes the gate;
         None otherwise or without memory. Leaves the backend holding `prompt`."""
         try:
             found = self._memory_openings()
@@ -325,7 +325,14 @@ class Session:
             self.log(f"engram-local: reply openings unavailable: {exc}")
             self._openings = None
             return None
-        return self.engine.opening(prompt, found)
+        return self.engine.opening(prompt, found, neutral=self.neutral_prompts)
+
+    @functools.cached_property
+    def neutral_prompts(self) -> list[list[int]]:
+        """runtime.routing.NEUTRAL_TURNS as chat prompts (what an opening's prior is taken after)."""
+        from engram_local.runtime import routing
+
+        return [self.tokenize(t, chat=True) for t in routing.NEUTRAL_TURNS]
 
     def reply_opening(self, prompt: Sequence[int]) -> list[int]:
         """The tokens of `chat_opening` ([] when there is none): `generate(..., opening=)`."""

@@ -168,7 +168,7 @@ def _opened(state: ServerState, user: str, stack, messages: list[dict]) -> dict:
     try:
         ids = state.session.encode(None, messages)
         found = state.store.openings(user, state.session.reply_tokenize)
-        route = state.engine.opening(ids, found, stack)
+        route = state.engine.opening(ids, found, stack, neutral=state.session.neutral_prompts)
     except Exception:  # noqa: BLE001 - no opening; the request reports its own problems as before
         route = None
     if route is None:
