@@ -262,13 +262,14 @@ class Engine:
         """submit + wait: the finished Stream."""
         return self.submit(request).result()
 
-    def opening(self, prompt: Sequence[int], candidates, stack=None, neutral: Sequence[Sequence[int]] = ()):
+    def opening(self, prompt: Sequence[int], candidates, stack=None,
+                neutral: Sequence[Sequence[int]] = ()):
         """The runtime.routing.Route a chat reply to `prompt` (token ids) on `stack` (a user's
         override stack, None: the backend's own) opens with, scored on sequence 0 while no request
         runs (runtime.routing.best_opening; `neutral`: the token ids of routing.NEUTRAL_TURNS
-        rendered as `prompt` was); None when the likeliest does not pass the gate, when the prompt leaves
-        no room, or when the engine is busy (the reply then opens as the model likes). Sequence 0 is left holding `prompt` for
-        that stack, which the next request reuses."""
+        rendered as `prompt` was). None when the likeliest does not pass the gate, when the prompt
+        leaves no room, or when the engine is busy (the reply then opens as the model likes).
+        Sequence 0 is left holding `prompt` for that stack, which the next request reuses."""
         from engram_local.runtime import routing
 
         if not candidates or len(prompt) >= self.backend.n_ctx - 1:

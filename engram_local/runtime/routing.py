@@ -13,13 +13,13 @@ the reply's first words are chosen.
 Whether the best opening is said at all is judged by how likely it is here and by how much more
 likely than after turns that ask about nothing in particular (`NEUTRAL_TURNS`, its prior): a
 paraphrase makes its fact's opening far likelier than usual even when not likely outright
-("Who do I report to at work?" -> "My manager is"), a turn about nothing the user said (general
-questions) does neither and is answered as without routing.
+("What's my kitty called?" -> "My cat's name is": -2.5 here, -4.7 after a neutral turn), a turn
+about nothing the user said (general questions) does neither and is answered as without routing.
 
-Measured (docs/chat-memory.md, "Session 13"): the opening of the right fact is the likeliest
-for 45/45 direct and 75/90 paraphrased questions of the dev personas; at the gate it is said for
-44/45 and 67/90 (the likelihood alone, session 12: 42/45 and 55/90), and for none of the general
-questions of the dev personas or of the others.
+Measured (docs/chat-memory.md, "Session 13"): the right fact's opening is the likeliest for 45/45
+direct and 75/90 paraphrased questions of the dev personas; at the gate it is said for 44/45 and
+70/90 (by the likelihood alone, session 12's bound: 42/45 and 54/90), and none of the 50 general
+questions of the ten personas is answered otherwise than without memory.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import numpy as np
 # An opening is said only when its gate - the mean of its likelihood after the user's turn (mean
 # token log-probability, natural log) and its lift over its prior (that minus the best of its
 # likelihoods after NEUTRAL_TURNS) - reaches this. The best opening of a general question gates at
-# -1.24 or lower on the dev personas (-1.56 on the others); the bound leaves a quarter nat above.
+# -1.24 or lower on the dev personas (-1.56 on p03-p05); the bound leaves a quarter nat above.
 MIN_GATE = -1.0
 # User turns about nothing in particular: an opening's prior is its likelihood after the likeliest.
 NEUTRAL_TURNS = ("Hi.", "Tell me about myself.", "What do you know about me?",
@@ -106,7 +106,7 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - top - np.log(np.exp(x - top).sum(axis=-1, keepdims=True))
 
 
-def _hold(backend, prompt: list[int]) -> np.ndarray:
+def hold_prompt(backend, prompt: list[int]) -> np.ndarray:
     """Leave `backend`'s sequence holding `prompt` (reusing what it holds) and return the logits
     after its last token."""
     held = backend.tokens
@@ -117,7 +117,7 @@ def _hold(backend, prompt: list[int]) -> np.ndarray:
     return backend.eval(prompt[backend.n_past:])
 
 
-def _score(backend, prompt: list[int], first: np.ndarray, c: Opening) -> float:
+def score_opening(backend, prompt: list[int], first: np.ndarray, c: Opening) -> float:
     """Mean log-probability of `c` after `prompt` (held, `first` its logits); `prompt` held again."""
     rows = backend.eval(list(c.tokens), all_logits=True)
     _back(backend, prompt)
@@ -139,7 +139,7 @@ def prior(backend, c: Opening, neutral: Sequence[Sequence[int]]) -> float:
     for p in neutral:
         p = [int(t) for t in p]
         if len(p) + len(c.tokens) < backend.n_ctx:
-            best = max(best, _score(backend, p, _hold(backend, p), c))
+            best = max(best, score_opening(backend, p, hold_prompt(backend, p), c))
     return best if math.isfinite(best) else 0.0
 
 
@@ -158,7 +158,7 @@ def best_opening(backend, prompt: Sequence[int], candidates: Sequence[Opening],
     if not candidates:
         return None
     prompt = [int(t) for t in prompt]
-    first = _hold(backend, prompt)
+    first = hold_prompt(backend, prompt)
     room = [c for c in candidates if len(prompt) + len(c.tokens) < backend.n_ctx]
     lp_first = _log_softmax(first)
     after: dict[int, np.ndarray] = {}
@@ -175,7 +175,7 @@ def best_opening(backend, prompt: Sequence[int], candidates: Sequence[Opening],
         room = sorted(room, key=head, reverse=True)[:keep]
     best: Route | None = None
     for c in room:
-        score = _score(backend, prompt, first, c)
+        score = score_opening(backend, prompt, first, c)
         if math.isfinite(score) and (best is None or score > best.score):
             best = Route(c, score)
     if best is None or best.score >= min_score or not neutral:
@@ -183,6 +183,6 @@ def best_opening(backend, prompt: Sequence[int], candidates: Sequence[Opening],
     priors = candidates.priors if isinstance(candidates, Openings) else {}
     if best.opening not in priors:
         priors[best.opening] = prior(backend, best.opening, neutral)
-        _hold(backend, prompt)
+        hold_prompt(backend, prompt)
     best = Route(best.opening, best.score, priors[best.opening])
     return best if best.gate >= min_score else None

@@ -69,7 +69,7 @@ class UserMemories:
         self.max_open = max_open
         self._lock = threading.Lock()
         self._stacks: collections.OrderedDict[str, tuple[object, object]] = collections.OrderedDict()
-        self._openings: dict[str, tuple[object, list]] = {}     # user -> (memory version, openings)
+        self._openings: dict[str, tuple[object, list]] = {}     # user -> (memory version, routing.Openings)
 
     @property
     def directory(self) -> Path | None:
@@ -109,7 +109,7 @@ class UserMemories:
 
     def openings(self, user: str | None, tokenize: Callable[[str], list[int]]) -> list:
         """The reply openings `user`'s memory was fitted after (runtime.routing.openings), kept
-        per memory version; [] without a user or a memory."""
+        per memory version with the priors routing takes of them; [] without a user or a memory."""
         from engram_local.formats.eov import parse_memory_bytes
         from engram_local.runtime import routing
 

@@ -1,0 +1,89 @@
+#!/usr/bin/env python3
+"""How well a chat turn's reply opening is picked (runtime.routing), every opening scored in full.
+
+    python bench/routing_pick.py --work-dir DIR PERSONA.json... [--json OUT] [-t 2]
+
+DIR holds the personas' memory files as `engram-local eval chat-memory --work-dir DIR` leaves them
+(`p00-skill.eov`). For every direct, paraphrased and general question of each persona, every
+fitted opening of its memory is scored after the question (mean token log-probability, llama.cpp,
+the default model) and after `routing.NEUTRAL_TURNS` (its prior), without the shortlist. Reported
+per question kind: how often the right fact's opening is the likeliest, and how often the likeliest
+is said and is the right fact's / another's under each rule - the likelihood alone at session 12's
+bound (-1.5) and the shipped gate (`routing.gate` >= `routing.MIN_GATE`) - plus the highest a
+general question's best opening reaches under each (what the bound must stay above).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+LIKELIHOOD_BOUND = -1.5          # session 12's rule: the likelihood alone
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("personas", nargs="+")
+    ap.add_argument("--work-dir", required=True)
+    ap.add_argument("-t", "--threads", type=int, default=2)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    from engram_local.eval.chat_memory import load_persona
+    from engram_local.formats.eov import read_memory_file
+    from engram_local.runtime import routing
+    from engram_local.runtime.session import Session
+
+    kinds = ("direct", "paraphrased", "general")
+    tally = {k: {"n": 0, "likeliest_right": 0, "likelihood": [0, 0], "gate": [0, 0]} for k in kinds}
+    general_max = {"likelihood": None, "gate": None}
+    per = []
+    for path in args.personas:
+        persona = load_persona(path)
+        eov = Path(args.work_dir) / f"{persona.name}-skill.eov"
+        if not eov.exists():
+            raise SystemExit(f"{eov} not found: run `engram-local eval chat-memory --work-dir "
+                             f"{args.work_dir}` first")
+        ledger = [f.id for f in read_memory_file(eov).facts]
+        s = Session(None, overrides=[eov], n_ctx=2048, n_threads=args.threads, log=lambda m: None)
+        try:
+            ops = s._memory_openings()
+            be = s.backend
+            priors = {o: routing.prior(be, o, s.neutral_prompts) for o in ops}
+            for q in persona.questions:
+                if q.kind not in kinds:
+                    continue
+                prompt = s.tokenize(q.text, chat=True)
+                first = routing.hold_prompt(be, prompt)
+                scores = [routing.score_opening(be, prompt, first, o) for o in ops]
+                i = max(range(len(ops)), key=scores.__getitem__)
+                right = q.fact is not None and ops[i].fact_id == ledger[q.fact]
+                g = routing.gate(scores[i], priors[ops[i]])
+                t = tally[q.kind]
+                t["n"] += 1
+                t["likeliest_right"] += right
+                rules = (("likelihood", scores[i], LIKELIHOOD_BOUND), ("gate", g, routing.MIN_GATE))
+                for rule, value, bound in rules:
+                    if value >= bound:
+                        t[rule][0 if right else 1] += 1
+                    if q.kind == "general" and (general_max[rule] is None or value > general_max[rule]):
+                        general_max[rule] = round(value, 3)
+                per.append({"persona": persona.name, "kind": q.kind, "question": q.text, "best": ops[i].text,
+                            "right": right, "score": round(scores[i], 3), "prior": round(priors[ops[i]], 3)})
+        finally:
+            s.close()
+        print(persona.name, len(ops), "openings", flush=True)
+    out = {"personas": [Path(p).name for p in args.personas], "likelihood_bound": LIKELIHOOD_BOUND,
+           "min_gate": routing.MIN_GATE, "tally": tally, "general_max": general_max, "questions": per}
+    for k, t in tally.items():
+        print(f"{k}: {t['n']} questions, right fact likeliest {t['likeliest_right']}; said right/wrong: "
+              f"likelihood >= {LIKELIHOOD_BOUND} {t['likelihood'][0]}/{t['likelihood'][1]}, "
+              f"gate >= {routing.MIN_GATE} {t['gate'][0]}/{t['gate'][1]}")
+    print("best general question:", general_max)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(out, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
