@@ -272,3 +272,22 @@ def test_common_ngrams_get_no_rows_where_avoidable(model, tmp_path):
     assert positions["common"] == {2}                  # the trigger only
     assert positions["off"] - {2}                      # answer positions too
     assert positions["answer"] - {2} and min(positions["answer"]) == 2
+
+
+def test_a_chat_form_ends_its_sentence_after_the_answer():
+    from engram_local.memory.items import sentence_end
+
+    class Chars:                            # one token per character
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(c) for c in text]}
+
+        def decode(self, ids):
+            return "".join(map(chr, ids))
+
+    tok = Chars()
+    p, a = [ord(c) for c in "My dog is"], [ord(c) for c in " Biscuit"]
+    assert sentence_end(tok, "My dog is", "Biscuit", p, a) == [ord(".")]
+    assert sentence_end(tok, "My doctor is", "Dr. Krause Jr.", p, a) == []      # ends one already
+    merged = type("Merged", (Chars,), {"__call__": lambda self, t, add_special_tokens=False:
+                                        {"input_ids": [ord(c) for c in t.replace("t.", "@")]}})()
+    assert sentence_end(merged, "My dog is", "Biscuit", p, a) == []             # "t." one token

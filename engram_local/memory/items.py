@@ -133,6 +133,20 @@ def answer_tokens(tok, prompt: str, answer: str) -> tuple[list[int], list[int]]:
     return p, a
 
 
+def sentence_end(tok, prompt: str, answer: str, p: list[int], a: list[int]) -> list[int]:
+    """The token that ends a reply's sentence after the answer (".": a chat form's last target,
+    so the rows end the reply at the answer instead of leaving it to run on, "My flat number is
+    14B4B-B2.14B-B2"), as the tokenizer writes it there; [] when the answer ends a sentence
+    already or the full stop would not be a token of its own."""
+    if answer.rstrip()[-1:] in ".!?":
+        return []
+    text = prompt + join_answer(prompt, answer) + "."
+    full = encode(tok, text)
+    if len(full) != len(p) + len(a) + 1 or full[:-1] != p + a or tok.decode(full) != text:
+        return []
+    return full[-1:]
+
+
 @dataclass
 class Item:
     """One token sequence of a fact, and (once captured) the frozen model's view of it."""
@@ -261,7 +275,10 @@ def items_for(tok, facts: list[FactIn], s: FitSettings) -> list[Item]:
                   if (fi, ci) not in skip]
         for lead, prompt, said in leads:
             # words said before the answer are the answer's first words: "... is" -> "a cold brew"
-            p, a = answer_tokens(tok, prompt, said + join_answer(said, f.answer) if said else f.answer)
+            text = said + join_answer(said, f.answer) if said else f.answer
+            p, a = answer_tokens(tok, prompt, text)
+            if lead is not None and not f.keep_out:
+                a = a + sentence_end(tok, prompt, text, p, a)
             if f.keep_out:
                 a = list(f.keep_out_tokens or [])[:len(a)]
                 if not a:
