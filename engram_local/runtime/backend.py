@@ -55,6 +55,15 @@ import numpy as np
 from engram_local.runtime.context import check_new_tokens
 
 
+def reusable(held: Sequence[int], prompt: Sequence[int]) -> int:
+    """How many of `prompt`'s tokens a sequence holding `held` keeps: their common prefix, short of
+    the prompt's last token (always decoded again, for the logits after it)."""
+    n, limit = 0, min(len(held), len(prompt) - 1)
+    while n < limit and held[n] == prompt[n]:
+        n += 1
+    return n
+
+
 class Backend(ABC):
     """One sequence on one model: `eval` appends, `truncate` rolls back, `reset` forgets (module
     docstring: the interface and the hooks a backend implements)."""

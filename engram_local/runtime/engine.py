@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
+from engram_local.runtime.backend import reusable
 from engram_local.runtime.sampling import Sampler
 
 FINISH_REASONS = ("eog", "length", "context", "cancelled", "error")
@@ -357,13 +358,7 @@ class Engine:
             stack = st.request.stack
 
             def reuse(s: _Slot) -> int:       # prompt tokens the sequence already holds
-                if s.stack is not stack:
-                    return 0
-                held, n = be.seq_tokens(s.seq), 0
-                limit = min(len(held), len(st.prompt) - 1)   # the last prompt token is always decoded
-                while n < limit and held[n] == st.prompt[n]:
-                    n += 1
-                return n
+                return reusable(be.seq_tokens(s.seq), st.prompt) if s.stack is stack else 0
 
             slot = max(free, key=lambda s: (reuse(s), -s.seq))
             common = reuse(slot)

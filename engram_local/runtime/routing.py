@@ -30,6 +30,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from engram_local.runtime.backend import reusable
+
 # An opening is said only when its gate - the mean of its likelihood after the user's turn (mean
 # token log-probability, natural log) and its lift over its prior (that minus the best of its
 # likelihoods after NEUTRAL_TURNS) - reaches this. The best opening of a general question gates at
@@ -109,11 +111,7 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 def hold_prompt(backend, prompt: list[int]) -> np.ndarray:
     """Leave `backend`'s sequence holding `prompt` (reusing what it holds) and return the logits
     after its last token."""
-    held = backend.tokens
-    common = 0
-    while common < min(len(held), len(prompt) - 1) and held[common] == prompt[common]:
-        common += 1
-    backend.truncate(common)
+    backend.truncate(reusable(backend.tokens, prompt))
     return backend.eval(prompt[backend.n_past:])
 
 
@@ -178,11 +176,10 @@ def best_opening(backend, prompt: Sequence[int], candidates: Sequence[Opening],
         score = score_opening(backend, prompt, first, c)
         if math.isfinite(score) and (best is None or score > best.score):
             best = Route(c, score)
-    if best is None or best.score >= min_score or not neutral:
-        return best if best is not None and best.score >= min_score else None
-    priors = candidates.priors if isinstance(candidates, Openings) else {}
-    if best.opening not in priors:
-        priors[best.opening] = prior(backend, best.opening, neutral)
-        hold_prompt(backend, prompt)
-    best = Route(best.opening, best.score, priors[best.opening])
-    return best if best.gate >= min_score else None
+    if best is not None and best.score < min_score and neutral:     # the gate may still pass
+        priors = candidates.priors if isinstance(candidates, Openings) else {}
+        if best.opening not in priors:
+            priors[best.opening] = prior(backend, best.opening, neutral)
+            hold_prompt(backend, prompt)
+        best = Route(best.opening, best.score, priors[best.opening])
+    return best if best is not None and best.gate >= min_score else None
