@@ -8,6 +8,10 @@ Each file is timed over the same questions (general and personal ones, none from
 files), the session reset before each, so every question pays its whole prompt; the decode of
 the prompt alone is timed too (what any reply pays first). An opening's prior is taken the first
 time it is needed and kept (`priors_taken`: how many were; the max is a question that took one).
+Each file is timed twice, side by side: routing by likelihood alone (`rule` "likelihood") and
+with the sentence encoder's relevance ("relevance", when installed; `facts_embed_ms`: embedding
+the memory's facts, once per memory version, before the first question; `encoder_load_ms`: the
+encoder's loading, once per process).
 """
 
 from __future__ import annotations
@@ -30,32 +34,44 @@ def main() -> None:
     args = ap.parse_args()
     from engram_local.runtime.session import Session
 
+    from engram_local.runtime.retrieval import sentence_encoder
+
+    t = time.perf_counter()
+    encoder = sentence_encoder(print)
+    load_ms = round(1000 * (time.perf_counter() - t), 1)
     out = []
     for path in args.files:
-        s = Session(None, overrides=[path], n_ctx=512, n_threads=args.threads, log=lambda m: None)
-        try:
-            n = len(s._memory_openings())
-            route_s, prompt_s, routed = [], [], 0
-            s.chat_opening(s.tokenize(QUESTIONS[0], chat=True))        # warm up llama.cpp's graphs
-            for q in QUESTIONS:
-                ids = s.tokenize(q, chat=True)
-                s.reset()
+        for rule in ("likelihood", "relevance") if encoder is not None else ("likelihood",):
+            s = Session(None, overrides=[path], n_ctx=512, n_threads=args.threads, log=lambda m: None)
+            s.encoder = encoder if rule == "relevance" else None
+            try:
+                n = len(s._memory_openings())
+                route_s, prompt_s, routed = [], [], 0
                 t = time.perf_counter()
-                s.backend.eval(ids)
-                prompt_s.append(time.perf_counter() - t)
-                s.reset()
-                t = time.perf_counter()
-                routed += s.chat_opening(ids) is not None
-                route_s.append(time.perf_counter() - t)
-            row = {"file": path, "openings": n, "questions": len(QUESTIONS), "routed": routed,
-                   "priors_taken": len(s._memory_openings().priors),
-                   "chat_opening_ms_median": round(1000 * statistics.median(route_s), 1),
-                   "chat_opening_ms_max": round(1000 * max(route_s), 1),
-                   "prompt_only_ms_median": round(1000 * statistics.median(prompt_s), 1)}
-        finally:
-            s.close()
-        print(json.dumps(row), flush=True)
-        out.append(row)
+                s.chat_opening(s.tokenize(QUESTIONS[0], chat=True), QUESTIONS[0])   # warm-up, facts embedded
+                first_ms = round(1000 * (time.perf_counter() - t), 1)
+                for q in QUESTIONS:
+                    ids = s.tokenize(q, chat=True)
+                    s.reset()
+                    t = time.perf_counter()
+                    s.backend.eval(ids)
+                    prompt_s.append(time.perf_counter() - t)
+                    s.reset()
+                    t = time.perf_counter()
+                    routed += s.chat_opening(ids, q) is not None
+                    route_s.append(time.perf_counter() - t)
+                row = {"file": path, "rule": rule, "openings": n, "questions": len(QUESTIONS), "routed": routed,
+                       "priors_taken": len(s._memory_openings().priors),
+                       "chat_opening_ms_median": round(1000 * statistics.median(route_s), 1),
+                       "chat_opening_ms_max": round(1000 * max(route_s), 1),
+                       "prompt_only_ms_median": round(1000 * statistics.median(prompt_s), 1),
+                       "first_question_ms": first_ms}
+                if rule == "relevance":
+                    row["encoder_load_ms"] = load_ms
+            finally:
+                s.close()
+            print(json.dumps(row), flush=True)
+            out.append(row)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(out, fh, indent=1)

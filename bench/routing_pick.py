@@ -6,11 +6,14 @@
 DIR holds the personas' memory files as `engram-local eval chat-memory --work-dir DIR` leaves them
 (`p00-skill.eov`). For every direct, paraphrased and general question of each persona, every
 fitted opening of its memory is scored after the question (mean token log-probability, llama.cpp,
-the default model) and after `routing.NEUTRAL_TURNS` (its prior), without the shortlist. Reported
-per question kind: how often the right fact's opening is the likeliest, and how often the likeliest
-is said and is the right fact's / another's under each rule - the likelihood alone at session 12's
-bound (-1.5) and the shipped gate (`routing.gate` >= `routing.MIN_GATE`) - plus the highest a
-general question's best opening reaches under each (what the bound must stay above).
+the default model) and after `routing.NEUTRAL_TURNS` (its prior), without the shortlist; with
+the sentence encoder installed, each fact's relevance to the question too (`routing.relevance`).
+Reported per question kind: how often the right fact's opening is the likeliest and the right
+fact the most relevant, and how often the opening picked is said and is the right fact's /
+another's under each rule - the likelihood alone at session 12's bound (-1.5), session 13's gate
+(the likeliest, `routing.gate` >= `routing.MIN_GATE`) and the shipped rule with relevance
+(`routing.relevant`, `routing.rank`, `Route.gate`) - plus the highest a general question's pick
+reaches under each (what the bound must stay above).
 """
 
 from __future__ import annotations
@@ -35,8 +38,12 @@ def main() -> None:
     from engram_local.runtime.session import Session
 
     kinds = ("direct", "paraphrased", "general")
-    tally = {k: {"n": 0, "likeliest_right": 0, "likelihood": [0, 0], "gate": [0, 0]} for k in kinds}
-    general_max = {"likelihood": None, "gate": None}
+    from engram_local.runtime.retrieval import sentence_encoder
+
+    encoder = sentence_encoder(print)
+    tally = {k: {"n": 0, "likeliest_right": 0, "relevant_right": 0, "likelihood": [0, 0], "gate": [0, 0],
+                 "relevance": [0, 0]} for k in kinds}
+    general_max = {"likelihood": None, "gate": None, "relevance": None}
     per = []
     for path in args.personas:
         persona = load_persona(path)
@@ -57,28 +64,42 @@ def main() -> None:
                 first = routing.hold_prompt(be, prompt)
                 scores = [routing.score_opening(be, prompt, first, o) for o in ops]
                 i = max(range(len(ops)), key=scores.__getitem__)
-                right = q.fact is not None and ops[i].fact_id == ledger[q.fact]
-                g = routing.gate(scores[i], priors[ops[i]])
+                asked = ledger[q.fact] if q.fact is not None else None
+                right = ops[i].fact_id == asked
                 t = tally[q.kind]
                 t["n"] += 1
                 t["likeliest_right"] += right
-                rules = (("likelihood", scores[i], LIKELIHOOD_BOUND), ("gate", g, routing.MIN_GATE))
-                for rule, value, bound in rules:
+                rules = [("likelihood", ops[i], scores[i], LIKELIHOOD_BOUND),
+                         ("gate", ops[i], routing.gate(scores[i], priors[ops[i]]), routing.MIN_GATE)]
+                row = {"persona": persona.name, "kind": q.kind, "question": q.text, "best": ops[i].text,
+                       "right": right, "score": round(scores[i], 3), "prior": round(priors[ops[i]], 3)}
+                if encoder is not None:
+                    rel = routing.relevance(ops, encoder, q.text)
+                    t["relevant_right"] += max(rel, key=rel.get) == asked
+                    by = {o: sc for o, sc in zip(ops, scores)}
+                    r = max((routing.Route(o, by[o], priors[o], rel[o.fact_id])
+                             for o in routing.relevant(ops, rel)), key=routing.rank)
+                    rules.append(("relevance", r.opening, r.gate, routing.MIN_GATE))
+                    row.update(picked=r.opening.text, picked_right=r.opening.fact_id == asked,
+                               relevance=round(r.relevance, 3), picked_gate=round(r.gate, 3))
+                for rule, o, value, bound in rules:
                     if value >= bound:
-                        t[rule][0 if right else 1] += 1
+                        t[rule][0 if o.fact_id == asked else 1] += 1
                     if q.kind == "general" and (general_max[rule] is None or value > general_max[rule]):
                         general_max[rule] = round(value, 3)
-                per.append({"persona": persona.name, "kind": q.kind, "question": q.text, "best": ops[i].text,
-                            "right": right, "score": round(scores[i], 3), "prior": round(priors[ops[i]], 3)})
+                per.append(row)
         finally:
             s.close()
         print(persona.name, len(ops), "openings", flush=True)
     out = {"personas": [Path(p).name for p in args.personas], "likelihood_bound": LIKELIHOOD_BOUND,
-           "min_gate": routing.MIN_GATE, "tally": tally, "general_max": general_max, "questions": per}
+           "min_gate": routing.MIN_GATE, "relevance": encoder is not None, "tally": tally,
+           "general_max": general_max, "questions": per}
     for k, t in tally.items():
-        print(f"{k}: {t['n']} questions, right fact likeliest {t['likeliest_right']}; said right/wrong: "
+        print(f"{k}: {t['n']} questions, right fact likeliest {t['likeliest_right']}, most relevant "
+              f"{t['relevant_right']}; said right/wrong: "
               f"likelihood >= {LIKELIHOOD_BOUND} {t['likelihood'][0]}/{t['likelihood'][1]}, "
-              f"gate >= {routing.MIN_GATE} {t['gate'][0]}/{t['gate'][1]}")
+              f"gate >= {routing.MIN_GATE} {t['gate'][0]}/{t['gate'][1]}, "
+              f"with relevance {t['relevance'][0]}/{t['relevance'][1]}")
     print("best general question:", general_max)
     if args.json:
         with open(args.json, "w") as fh:

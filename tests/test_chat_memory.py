@@ -142,7 +142,7 @@ def test_end_to_end_tiny(tmp_path_factory, tmp_path):
 def test_retrieval_unavailable(tmp_path_factory, tmp_path, monkeypatch):
     """Without the embedding model the retrieval condition reports "unavailable"; the run goes on."""
     pytest.importorskip("llama_cpp")
-    from engram_local.eval import retrieval
+    from engram_local.runtime import retrieval
     from tests.runtime_fixtures import shared_model_dir
 
     def missing():

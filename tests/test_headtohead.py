@@ -52,7 +52,7 @@ def tiny_embedder():
     import torch
     from transformers import BertConfig, BertModel
 
-    from engram_local.eval.retrieval import Embedder
+    from engram_local.runtime.retrieval import Embedder
     from tests.tiny import tiny_tokenizer
 
     tok = tiny_tokenizer()
@@ -185,7 +185,7 @@ def test_shared_adapter_conditions_need_an_adapter(md_no_adapter, users):
 
 
 def test_retrieval_without_the_embedding_package_says_how_to_install(monkeypatch):
-    from engram_local.eval import retrieval
+    from engram_local.runtime import retrieval
 
     monkeypatch.setattr(retrieval.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(retrieval.RetrievalUnavailable) as exc:
@@ -194,7 +194,7 @@ def test_retrieval_without_the_embedding_package_says_how_to_install(monkeypatch
 
 
 def test_retriever_ranks_by_cosine():
-    from engram_local.eval.retrieval import Retriever
+    from engram_local.runtime.retrieval import Retriever
 
     docs = ["the doctor is krause", "my name is w40", "cafe b c", "w50 w51 w52"]
     r = Retriever(tiny_embedder(), docs)

@@ -155,6 +155,10 @@ def test_default_model_routes_a_paraphrase_to_its_fact(tmp_path):
         reply = s.generate(ids, 16, Sampler(temp=0), opening=route.opening.tokens).text
         assert "Volvo" in reply, reply
         assert s.chat_opening(s.tokenize("What is the capital of France?", chat=True)) is None
+        # with the user's turn, relevance (the sentence encoder, where installed) weighs the facts
+        for q, fid in (("Which car is mine?", "f2"), ("Who is my boss?", "f1"), ("What is the capital of France?", None)):
+            route = s.chat_opening(s.tokenize(q, chat=True), q)
+            assert (route.opening.fact_id if route is not None else None) == fid, (q, route)
     finally:
         s.close()
     off = Session(default, overrides=[eov], backend="llama.cpp", n_ctx=256, n_threads=2, route=False)
@@ -203,3 +207,60 @@ def test_an_opening_far_likelier_than_its_prior_is_said():
     fresh = routing.Openings([_opening("f", [5, 6])])
     assert routing.best_opening(be, prompt, fresh, neutral=[[3, 2, 4], [1, 2, 7]], min_score=-0.3) is None
     assert fresh.priors[fresh[0]] == pytest.approx(lp) and be.tokens == prompt
+
+
+def test_relevance_picks_the_fact_and_moves_the_gate():
+    """With relevance only the most relevant facts' openings are scored; a likelier opening of a
+    less relevant fact loses to the relevant one, and the gate gains (or loses)
+    RELEVANCE_WEIGHT x (relevance - RELEVANCE_FLOOR)."""
+    be = ScriptedBackend(vocab=16)
+    prompt = [1, 2, 4]                      # [5, 6] is the likeliest continuation
+    cands = routing.Openings([_opening("likely", [5, 6]), _opening("asked", [3, 9]), _opening("far", [7, 1])])
+    rel = {"likely": 0.30, "asked": 0.60, "far": 0.05}
+    got = routing.best_opening(be, prompt, cands, min_score=-100, relevance=rel)
+    assert got is not None and got.opening.fact_id == "asked" and got.relevance == pytest.approx(0.60)
+    assert be.tokens == prompt
+    assert got.gate == pytest.approx(got.score + routing.RELEVANCE_WEIGHT * (0.60 - routing.RELEVANCE_FLOOR))
+    # the third fact is not among the RELEVANT_FACTS most relevant: its opening is never scored
+    assert routing.RELEVANT_FACTS == 2
+    n = be.evals
+    routing.best_opening(be, prompt, cands, min_score=-100, relevance=rel)
+    assert be.evals == n + 3                # the last prompt token, one opening per relevant fact
+    # equally relevant: the likelier opening; a turn close to no fact holds back a likely opening
+    even = routing.best_opening(be, prompt, cands, min_score=-100, relevance={"likely": 0.5, "asked": 0.5})
+    assert even.opening.fact_id == "likely"
+    alone = routing.best_opening(be, prompt, cands, min_score=-100)
+    far = {"likely": 0.0, "asked": -0.1}
+    assert routing.best_opening(be, prompt, cands, min_score=alone.score, relevance=far) is None
+    assert routing.best_opening(be, prompt, cands, min_score=alone.score) is not None
+
+
+class WordEncoder:
+    """embed(texts): unit bag-of-words vectors over a fixed vocabulary (a stand-in sentence encoder)."""
+
+    WORDS = ["dog", "biscuit", "car", "volvo", "pet", "drive"]
+
+    def __init__(self):
+        self.calls = []
+
+    def embed(self, texts):
+        self.calls.append(list(texts))
+        v = np.array([[t.lower().count(w) for w in self.WORDS] for t in texts], np.float32) + 1e-3
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def test_relevance_compares_the_turn_with_each_fact_and_keeps_their_vectors():
+    class Fact:
+        def __init__(self, id, prompt, answer):
+            self.id, self.prompt, self.answer = id, prompt, answer
+
+    facts = [Fact("f1", "My dog is called", "Biscuit"), Fact("f2", "I drive a", "red Volvo")]
+    found = routing.openings(facts, lambda s: [len(w) for w in s.split()])
+    assert found.facts == {"f1": "My dog is called Biscuit", "f2": "I drive a red Volvo"}
+    enc = WordEncoder()
+    r = routing.relevance(found, enc, "What car do I drive?")
+    assert set(r) == {"f1", "f2"} and r["f2"] > r["f1"]
+    routing.relevance(found, enc, "Who is my dog?")
+    assert enc.calls == [["My dog is called Biscuit", "I drive a red Volvo"], ["What car do I drive?"],
+                         ["Who is my dog?"]]                      # the facts embedded once
+    assert routing.relevance(found, enc, "  ") == {}

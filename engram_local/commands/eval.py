@@ -87,7 +87,7 @@ def head_to_head(model, users, more_users, conditions, json_out, report_out, plo
     os.environ.setdefault("OMP_WAIT_POLICY", "passive")    # shared cores: no busy-waiting threads
     from engram_local.eval import report
     from engram_local.eval.head_to_head import HeadToHeadError, Settings, head_to_head as run_h2h, parse_conditions
-    from engram_local.eval.retrieval import RetrievalUnavailable
+    from engram_local.runtime.retrieval import RetrievalUnavailable
 
     paths = list(users) + list(more_users)
     if not paths:

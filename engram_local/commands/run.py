@@ -66,8 +66,8 @@ def _err(msg: str) -> None:
 @click.option("--no-skill", is_flag=True, help="Run without the skill adapter.")
 @click.option("--no-route", is_flag=True,
               help="Chat replies about your facts open as the model likes, not with the words your memory "
-                   "was written after (by default the likeliest such opening is said first when it is likely "
-                   "enough; docs/chat-memory.md).")
+                   "was written after (by default the best such opening, of the facts the question is "
+                   "closest to, is said first when it passes the gate; docs/chat-memory.md).")
 @click.option("--ignore-eos", is_flag=True, help="Keep generating past end-of-turn tokens (benchmarks).")
 @click.option("--timings", is_flag=True,
               help="Print speed figures as one JSON object, the last line of stderr.")
@@ -136,7 +136,7 @@ def run(model, overrides, prompt, prompt_file, prompts_jsonl, chat, n_predict, t
                 ids = session.tokenize(prompt, chat=chat)
                 out = sys.stdout
                 gen = session.generate(ids, n_predict, sampler, on_text=lambda s: (out.write(s), out.flush()),
-                                       ignore_eos=ignore_eos, opening=_opening(session, ids, chat))
+                                       ignore_eos=ignore_eos, opening=_opening(session, ids, prompt, chat))
                 total.add(gen.timings)
                 if out.isatty():
                     out.write("\n")
@@ -174,9 +174,10 @@ def _read_text(path: str, what: str) -> str:
         raise click.ClickException(f"{path}: cannot read the {what}: {exc}")
 
 
-def _opening(session, ids, chat: bool = True) -> list[int]:
-    """The tokens a chat reply to `ids` opens with (Session.reply_opening), [] for a completion."""
-    return session.reply_opening(ids) if chat else []
+def _opening(session, ids, text: str, chat: bool = True) -> list[int]:
+    """The tokens a chat reply to `ids` (the user's turn `text`) opens with
+    (Session.reply_opening), [] for a completion."""
+    return session.reply_opening(ids, text) if chat else []
 
 
 def _jsonl(session, sampler, n_predict, lines, path, total, ignore_eos=False, chat_default=False) -> int:
@@ -208,7 +209,7 @@ def _jsonl(session, sampler, n_predict, lines, path, total, ignore_eos=False, ch
         try:
             ids = session.tokenize(item["prompt"], chat=chat)
             gen = session.generate(ids, n_predict, sampler, ignore_eos=ignore_eos,
-                                   opening=_opening(session, ids, chat))
+                                   opening=_opening(session, ids, item["prompt"], chat))
         except RunError as exc:
             _err(f"{path}:{lineno}: {exc}; line skipped")
             bad += 1
@@ -333,7 +334,7 @@ def _chat(session, sampler, n_predict, total, ignore_eos: bool = False, memory=N
         reply = ""
         try:
             gen = session.generate(ids, n_predict, sampler, on_text=lambda s: (out.write(s), out.flush()),
-                                   ignore_eos=ignore_eos, opening=_opening(session, ids))
+                                   ignore_eos=ignore_eos, opening=_opening(session, ids, line))
             reply = gen.text
             total.add(gen.timings)
         except KeyboardInterrupt:

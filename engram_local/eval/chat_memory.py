@@ -236,10 +236,10 @@ class ChatMemoryEval:
                      "not_recalled_after_fit": missed, "reused": False}
 
     def _retriever(self, persona: Persona):
-        from engram_local.eval.retrieval import Embedder, Retriever
+        from engram_local.runtime.retrieval import BertEncoder, Retriever
 
         if self._embedder is None:
-            self._embedder = Embedder()
+            self._embedder = BertEncoder()
         return Retriever(self._embedder, persona.statements)
 
     # ---------------------------------------------------------------- one condition
@@ -266,7 +266,7 @@ class ChatMemoryEval:
                 try:
                     ids = session.tokenize(text, chat=True)
                     reply = session.generate(ids, self.s.n_predict, greedy,
-                                             opening=session.reply_opening(ids)).text
+                                             opening=session.reply_opening(ids, text)).text
                 except PromptTooLong:
                     reply = ""
                 out.append({"kind": q.kind, "question": q.text, "expect": q.expect, "reply": reply,
@@ -288,7 +288,7 @@ class ChatMemoryEval:
     def _retrieval_status(self) -> str | None:
         if self._embedder is not None:
             return None
-        from engram_local.eval.retrieval import RetrievalUnavailable, minilm_dir
+        from engram_local.runtime.retrieval import RetrievalUnavailable, minilm_dir
 
         try:
             minilm_dir()

@@ -11,7 +11,7 @@ For each user file (the paper's schema: users/*.json) and each condition, on one
   F  layered                                  rows fitted through the skill adapter + the adapter
   G  all facts in the prompt                  base model, every fact sentence before the prompt
   H  retrieval top-k                          base model, the k facts nearest to the query
-                                              (all-MiniLM-L6-v2 cosine, engram_local.eval.retrieval)
+                                              (all-MiniLM-L6-v2 cosine, engram_local.runtime.retrieval)
 
 Metrics (engram_local.eval.scoring): direct recall (first-token top-1 and whole answer) on the
 paper-rule completion prompts, chat-form recall, indirect_any and indirect_top1 on the first 20
@@ -238,8 +238,8 @@ class HeadToHead:
 
     def _embedder_(self):
         if self._embedder is None:
-            from engram_local.eval.retrieval import Embedder
-            self._embedder = Embedder()
+            from engram_local.runtime.retrieval import BertEncoder
+            self._embedder = BertEncoder()
         return self._embedder
 
     # ---------------------------------------------------------------- per-user work
@@ -331,7 +331,7 @@ class HeadToHead:
                           adapter=art.adapter, log=lambda m: None)
         retriever = None
         if cond.context == "topk":
-            from engram_local.eval.retrieval import Retriever
+            from engram_local.runtime.retrieval import Retriever
             retriever = Retriever(self._embedder_(), user.sentences)
 
         def context(query: str) -> str:
@@ -353,7 +353,7 @@ class HeadToHead:
             if fresh:
                 session.reset()
             try:
-                opening = session.reply_opening(ids) if chat else []     # as `run` opens a chat reply
+                opening = session.reply_opening(ids, text) if chat else []     # as `run` opens a chat reply
                 return ids, session.generate(ids, n, greedy, opening=opening)
             except PromptTooLong:
                 return ids, None

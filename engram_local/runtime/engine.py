@@ -264,11 +264,12 @@ class Engine:
         return self.submit(request).result()
 
     def opening(self, prompt: Sequence[int], candidates, stack=None,
-                neutral: Sequence[Sequence[int]] = ()):
+                neutral: Sequence[Sequence[int]] = (), relevance: dict[str, float] | None = None):
         """The runtime.routing.Route a chat reply to `prompt` (token ids) on `stack` (a user's
         override stack, None: the backend's own) opens with, scored on sequence 0 while no request
         runs (runtime.routing.best_opening; `neutral`: the token ids of routing.NEUTRAL_TURNS
-        rendered as `prompt` was). None when the likeliest does not pass the gate, when the prompt
+        rendered as `prompt` was; `relevance`: routing.relevance of the user's turn). None when
+        the best does not pass the gate, when the prompt
         leaves no room, or when the engine is busy (the reply then opens as the model likes).
         Sequence 0 is left holding `prompt` for that stack, which the next request reuses."""
         from engram_local.runtime import routing
@@ -281,7 +282,7 @@ class Engine:
                 if slot.stack is not stack:
                     be.set_seq_stack(0, stack)      # another user's rows: sequence 0 starts over
                     slot.stack = stack
-                return routing.best_opening(be, prompt, candidates, neutral)
+                return routing.best_opening(be, prompt, candidates, neutral, relevance=relevance)
         except EngineError:
             return None
 

@@ -16,10 +16,21 @@ paraphrase makes its fact's opening far likelier than usual even when not likely
 ("What's my kitty called?" -> "My cat's name is": -2.5 here, -4.7 after a neutral turn), a turn
 about nothing the user said (general questions) does neither and is answered as without routing.
 
-Measured (docs/chat-memory.md, "Session 13"): the right fact's opening is the likeliest for 45/45
-direct and 75/90 paraphrased questions of the dev personas; at the gate it is said for 44/45 and
-70/90 (by the likelihood alone, session 12's bound: 42/45 and 54/90), and none of the 50 general
-questions of the ten personas is answered otherwise than without memory.
+Which fact a turn is about is judged better by a sentence encoder than by the model's own
+likelihoods, when one is installed (runtime.retrieval, all-MiniLM-L6-v2): its cosine between the
+user's turn and each fact ("I have a golden retriever named Biscuit" for "Remind me what my pet
+is called?"), the fact's **relevance**. Then only the openings of the RELEVANT_FACTS most
+relevant facts are scored, the one said is the best by likelihood plus PICK_WEIGHT x relevance,
+and its gate gains RELEVANCE_WEIGHT x (relevance - RELEVANCE_FLOOR): a turn close to a fact lets
+a less likely opening through, a turn close to none holds back a likely one.
+
+Measured (docs/chat-memory.md, "Session 14"; every opening scored in full, memory files of the
+session-12 writer): the right fact is the most relevant for 44/45 direct and 84/90 paraphrased
+questions of the dev personas (the likeliest opening is the right fact's for 45/45 and 75/90).
+Said right / wrong, dev: direct 44/0 both ways; paraphrased 71/6 of 90 by the likelihood and
+gate alone, 82/4 with relevance; held-out personas p03-p09: paraphrased 140/16 of 210 -> 182/7,
+direct 96/2 -> 100/1 of 105; none of the 50 general questions of the ten personas is routed
+either way.
 """
 
 from __future__ import annotations
@@ -40,8 +51,17 @@ MIN_GATE = -1.0
 # User turns about nothing in particular: an opening's prior is its likelihood after the likeliest.
 NEUTRAL_TURNS = ("Hi.", "Tell me about myself.", "What do you know about me?",
                  "Can you help me with something?")
-# Openings scored whole, the likeliest by their first two tokens (best_opening).
+# Openings scored whole, the likeliest by their first two tokens (best_opening, without relevance).
 SHORTLIST = 6
+# With relevance (a turn's cosine to each fact, runtime.retrieval): the openings of the
+# RELEVANT_FACTS most relevant facts are scored whole; the best by score + PICK_WEIGHT x relevance
+# is said when its gate + RELEVANCE_WEIGHT x (relevance - RELEVANCE_FLOOR) reaches MIN_GATE. Set on
+# the dev personas (p00-p02): their general questions' best gates at -1.24 (a quarter nat below the
+# bound); on p03-p09 at -1.78 ("What sweet food do bees make?" -> "I am allergic to", relevance 0.52).
+RELEVANT_FACTS = 2
+PICK_WEIGHT = 20.0
+RELEVANCE_WEIGHT = 4.0
+RELEVANCE_FLOOR = 0.25
 
 
 @dataclass(frozen=True)
@@ -56,11 +76,16 @@ class Route:
     opening: Opening
     score: float                  # mean log-probability of its tokens after the prompt
     prior: float | None = None    # ... after the likeliest neutral turn (None: not needed)
+    relevance: float | None = None  # the turn's cosine to the opening's fact (None: no encoder)
 
     @property
     def gate(self) -> float:
-        """What MIN_GATE bounds: the mean of the likelihood and the lift over the prior."""
-        return self.score if self.prior is None else gate(self.score, self.prior)
+        """What MIN_GATE bounds: the mean of the likelihood and the lift over the prior (the
+        likelihood alone while no prior is taken), plus what relevance adds or takes away."""
+        g = self.score if self.prior is None else gate(self.score, self.prior)
+        if self.relevance is not None:
+            g += RELEVANCE_WEIGHT * (self.relevance - RELEVANCE_FLOOR)
+        return g
 
 
 def gate(score: float, prior: float) -> float:
@@ -70,12 +95,22 @@ def gate(score: float, prior: float) -> float:
 
 
 class Openings(list):
-    """A memory's fitted openings (a list of Opening) and, filled in as routing needs them, their
-    priors (`best_opening`; they depend on the memory's rows, so one Openings per memory version)."""
+    """A memory's fitted openings (a list of Opening), the text of each of their facts (what
+    relevance compares a turn with) and, filled in as routing needs them, the openings' priors
+    (`best_opening`) and the facts' sentence vectors (`relevance`): one Openings per memory
+    version."""
 
-    def __init__(self, items=()):
+    def __init__(self, items=(), facts: dict[str, str] | None = None):
         super().__init__(items)
+        self.facts: dict[str, str] = dict(facts or {})
         self.priors: dict[Opening, float] = {}
+        self.vectors: tuple[list[str], np.ndarray] | None = None
+
+
+def fact_text(fact) -> str:
+    """What a fact's relevance is measured against: its prompt and answer ("I have a golden
+    retriever named Biscuit")."""
+    return f"{fact.prompt} {fact.answer}".strip()
 
 
 def openings(facts, tokenize: Callable[[str], list[int]], per_fact: int | None = None) -> Openings:
@@ -83,7 +118,8 @@ def openings(facts, tokenize: Callable[[str], list[int]], per_fact: int | None =
     ledger order, one per distinct token sequence (`per_fact`: as the writer, ECHO_FORMS_PER_FACT)."""
     from engram_local.text.questions import ECHO_FORMS_PER_FACT, echo_prefixes
 
-    out, seen = Openings(), set()
+    facts = list(facts)
+    out, seen = Openings(facts={f.id: fact_text(f) for f in facts}), set()
     for fid, forms in echo_prefixes(facts, tokenize, per_fact or ECHO_FORMS_PER_FACT).items():
         for _, text in forms:
             ids = tuple(tokenize(text))
@@ -91,6 +127,20 @@ def openings(facts, tokenize: Callable[[str], list[int]], per_fact: int | None =
                 seen.add(ids)
                 out.append(Opening(fid, text, ids))
     return out
+
+
+def relevance(candidates: Openings, encoder, query: str) -> dict[str, float]:
+    """The cosine of `query` (the user's turn) to each fact of `candidates`, by fact id; `encoder`
+    has embed(texts) -> unit vectors (runtime.retrieval.BertEncoder). The facts' vectors are made
+    once and kept with the openings."""
+    if not candidates.facts or not query.strip():
+        return {}
+    if candidates.vectors is None:
+        ids = list(candidates.facts)
+        candidates.vectors = (ids, encoder.embed([candidates.facts[i] for i in ids]))
+    ids, vectors = candidates.vectors
+    q = encoder.embed([query])[0]
+    return {i: float(v) for i, v in zip(ids, vectors @ q)}
 
 
 def mean_logprob(first_logits: np.ndarray, rows: np.ndarray, tokens: Sequence[int]) -> float:
@@ -141,26 +191,44 @@ def prior(backend, c: Opening, neutral: Sequence[Sequence[int]]) -> float:
     return best if math.isfinite(best) else 0.0
 
 
+def relevant(candidates: Sequence[Opening], relevance: dict[str, float],
+             n: int = RELEVANT_FACTS) -> list[Opening]:
+    """The openings of the `n` facts most relevant (by `relevance`, fact id -> cosine; ties: the
+    earlier fact), in `candidates`' order."""
+    near = sorted(dict.fromkeys(c.fact_id for c in candidates), key=lambda f: -relevance.get(f, -1.0))[:n]
+    return [c for c in candidates if c.fact_id in near]
+
+
+def rank(r: Route) -> float:
+    """What the opening said is the best by: its likelihood plus PICK_WEIGHT x its relevance."""
+    return r.score + PICK_WEIGHT * (r.relevance or 0.0)
+
+
 def best_opening(backend, prompt: Sequence[int], candidates: Sequence[Opening],
                  neutral: Sequence[Sequence[int]] = (), min_score: float = MIN_GATE,
-                 keep: int = SHORTLIST) -> Route | None:
-    """The likeliest of `candidates` after `prompt` on `backend`'s sequence (left holding
+                 keep: int = SHORTLIST, relevance: dict[str, float] | None = None) -> Route | None:
+    """The opening a reply to `prompt` starts with, on `backend`'s sequence (left holding
     `prompt`), or None when its gate (`Route.gate`, its prior taken after each of the `neutral`
     prompts; without them the likelihood alone) does not reach `min_score`. The caller holds the
     backend. Priors are kept in `candidates.priors` when it is an Openings.
 
-    Each decode call reads the whole model, so the candidates are not scored one by one: their
-    first two tokens are (one call per distinct first token), and only the `keep` likeliest by
-    those are scored whole. A prior costs a decode per neutral prompt, once per opening, and only
-    when the likelihood alone falls short (the gate is never below it)."""
+    With `relevance` (fact id -> the turn's cosine to the fact, `relevance()`), the openings of
+    the RELEVANT_FACTS most relevant facts are scored and the best by score + PICK_WEIGHT x
+    relevance is the one; without it the likeliest of all. Each decode call reads the whole
+    model, so without relevance the candidates are not scored one by one: their first two tokens
+    are (one call per distinct first token), and only the `keep` likeliest by those are scored
+    whole. A prior costs a decode per neutral prompt, once per opening, and only when the gate
+    without it falls short (a prior only raises it)."""
     if not candidates:
         return None
     prompt = [int(t) for t in prompt]
     first = hold_prompt(backend, prompt)
     room = [c for c in candidates if len(prompt) + len(c.tokens) < backend.n_ctx]
-    lp_first = _log_softmax(first)
-    after: dict[int, np.ndarray] = {}
-    if len(room) > keep:
+    if relevance:
+        room = relevant(room, relevance)
+    elif len(room) > keep:
+        lp_first = _log_softmax(first)
+        after: dict[int, np.ndarray] = {}
         for t in dict.fromkeys(c.tokens[0] for c in room if len(c.tokens) > 1):
             after[t] = _log_softmax(backend.eval([t]))
             _back(backend, prompt)
@@ -171,15 +239,17 @@ def best_opening(backend, prompt: Sequence[int], candidates: Sequence[Opening],
             return float(lp_first[c.tokens[0]] + after[c.tokens[0]][c.tokens[1]]) / 2
 
         room = sorted(room, key=head, reverse=True)[:keep]
+
     best: Route | None = None
     for c in room:
         score = score_opening(backend, prompt, first, c)
-        if math.isfinite(score) and (best is None or score > best.score):
-            best = Route(c, score)
-    if best is not None and best.score < min_score and neutral:     # the gate may still pass
+        r = Route(c, score, relevance=relevance.get(c.fact_id, 0.0) if relevance else None)
+        if math.isfinite(score) and (best is None or rank(r) > rank(best)):
+            best = r
+    if best is not None and best.gate < min_score and neutral:     # the prior may still pass it
         priors = candidates.priors if isinstance(candidates, Openings) else {}
         if best.opening not in priors:
             priors[best.opening] = prior(backend, best.opening, neutral)
             hold_prompt(backend, prompt)
-        best = Route(best.opening, best.score, priors[best.opening])
+        best = Route(best.opening, best.score, priors[best.opening], best.relevance)
     return best if best is not None and best.gate >= min_score else None

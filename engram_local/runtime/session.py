@@ -315,17 +315,32 @@ class Session:
             self._openings = (stat, routing.openings(facts, self.reply_tokenize))
         return self._openings[1]
 
-    def chat_opening(self, prompt: Sequence[int]):
+    def chat_opening(self, prompt: Sequence[int], query: str | None = None):
         """The opening (runtime.routing.Route) a chat reply to `prompt` (a rendered chat prompt's
-        ids) starts with: the likeliest of the memory's fitted openings, when it passes the gate;
-        None otherwise or without memory. Leaves the backend holding `prompt`."""
+        ids) starts with: the best of the memory's fitted openings, when it passes the gate;
+        None otherwise or without memory. `query`: the user's turn as typed, which picks the
+        facts by relevance when the sentence encoder is installed (`encoder`). Leaves the backend
+        holding `prompt`."""
+        from engram_local.runtime import routing
+
         try:
             found = self._memory_openings()
         except (ValueError, OSError) as exc:        # a file that cannot be read: no routing
             self.log(f"engram-local: reply openings unavailable: {exc}")
             self._openings = None
             return None
-        return self.engine.opening(prompt, found, neutral=self.neutral_prompts)
+        near = None
+        if found and query and self.encoder is not None:
+            near = routing.relevance(found, self.encoder, query)
+        return self.engine.opening(prompt, found, neutral=self.neutral_prompts, relevance=near)
+
+    @functools.cached_property
+    def encoder(self):
+        """The sentence encoder routing weighs facts with (runtime.retrieval.Embedder, loaded on
+        first use), or None where it is not installed (routing then goes by likelihood alone)."""
+        from engram_local.runtime.retrieval import sentence_encoder
+
+        return sentence_encoder(self.log)
 
     @functools.cached_property
     def neutral_prompts(self) -> list[list[int]]:
@@ -334,9 +349,9 @@ class Session:
 
         return [self.tokenize(t, chat=True) for t in routing.NEUTRAL_TURNS]
 
-    def reply_opening(self, prompt: Sequence[int]) -> list[int]:
+    def reply_opening(self, prompt: Sequence[int], query: str | None = None) -> list[int]:
         """The tokens of `chat_opening` ([] when there is none): `generate(..., opening=)`."""
-        route = self.chat_opening(prompt)
+        route = self.chat_opening(prompt, query)
         return list(route.opening.tokens) if route is not None else []
 
     # ---------------------------------------------------------------- generation

@@ -162,13 +162,20 @@ async def _start(request: Request, state: ServerState, body: dict, **prompt) -> 
 
 
 def _opened(state: ServerState, user: str, stack, messages: list[dict]) -> dict:
-    """The prompt of a chat request whose reply opens with the likeliest of the user's fitted
-    openings (`run`'s rule, runtime.routing; scored only while the engine is idle): {"prompt":
-    ids + opening, "opening": opening}, or {"messages": messages} as it came."""
+    """The prompt of a chat request whose reply opens with the best of the user's fitted
+    openings (`run`'s rule, runtime.routing, weighed by relevance to the last user message;
+    scored only while the engine is idle): {"prompt": ids + opening, "opening": opening}, or
+    {"messages": messages} as it came."""
+    from engram_local.runtime import routing
+
     try:
         ids = state.session.encode(None, messages)
         found = state.store.openings(user, state.session.reply_tokenize)
-        route = state.engine.opening(ids, found, stack, neutral=state.session.neutral_prompts)
+        turn = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+        near = routing.relevance(found, state.session.encoder, turn) \
+            if found and turn and state.session.encoder is not None else None
+        route = state.engine.opening(ids, found, stack, neutral=state.session.neutral_prompts,
+                                     relevance=near)
     except Exception:  # noqa: BLE001 - no opening; the request reports its own problems as before
         route = None
     if route is None:
