@@ -158,10 +158,16 @@ def session_root(tmp_path_factory) -> Path:
 
 
 def shared_model_dir(tmp_path_factory, name: str = "model", **kwargs) -> Path:
-    """tiny_model_dir built once per test session for each distinct `name`."""
-    key = ("md", name)
+    """tiny_model_dir built once per test session for each distinct `name` and settings (the
+    same name asked with other settings is another directory: which test runs first must not
+    decide what the others get)."""
+    import hashlib
+
+    settings = repr(sorted(kwargs.items()))
+    key = ("md", name, settings)
     if key not in _CACHE:
-        _CACHE[key] = tiny_model_dir(session_root(tmp_path_factory) / name, **kwargs)
+        tag = hashlib.sha1(settings.encode()).hexdigest()[:8] if kwargs else ""
+        _CACHE[key] = tiny_model_dir(session_root(tmp_path_factory) / (f"{name}-{tag}" if tag else name), **kwargs)
     return _CACHE[key]
 
 
