@@ -27,8 +27,8 @@ a less likely opening through, a turn close to none holds back a likely one.
 Measured (docs/chat-memory.md, "Session 14"; every opening scored in full, memory files of the
 session-12 writer): the right fact is the most relevant for 44/45 direct and 84/90 paraphrased
 questions of the dev personas (the likeliest opening is the right fact's for 45/45 and 75/90).
-Said right / wrong, dev: direct 44/0 both ways; paraphrased 71/6 of 90 by the likelihood and
-gate alone, 82/4 with relevance; held-out personas p03-p09: paraphrased 140/16 of 210 -> 182/7,
+Said right / wrong, dev: direct 44/0 both ways; paraphrased 70/6 of 90 by the likelihood and
+gate alone, 82/4 with relevance; held-out personas p03-p09: paraphrased 138/18 of 210 -> 182/7,
 direct 96/2 -> 100/1 of 105; none of the 50 general questions of the ten personas is routed
 either way.
 """
