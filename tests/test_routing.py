@@ -215,17 +215,19 @@ def test_relevance_picks_the_fact_and_moves_the_gate():
     RELEVANCE_WEIGHT x (relevance - RELEVANCE_FLOOR)."""
     be = ScriptedBackend(vocab=16)
     prompt = [1, 2, 4]                      # [5, 6] is the likeliest continuation
-    cands = routing.Openings([_opening("likely", [5, 6]), _opening("asked", [3, 9]), _opening("far", [7, 1])])
-    rel = {"likely": 0.30, "asked": 0.60, "far": 0.05}
+    others = [_opening(f"o{i}", [7, i]) for i in range(routing.RELEVANT_FACTS)]
+    cands = routing.Openings([_opening("likely", [5, 6]), _opening("asked", [3, 9])] + others)
+    rel = {"likely": 0.0, "asked": 0.90, **{o.fact_id: -0.1 - 0.1 * i for i, o in enumerate(others)}}
     got = routing.best_opening(be, prompt, cands, min_score=-100, relevance=rel)
-    assert got is not None and got.opening.fact_id == "asked" and got.relevance == pytest.approx(0.60)
+    assert got is not None and got.opening.fact_id == "asked" and got.relevance == pytest.approx(0.90)
     assert be.tokens == prompt
-    assert got.gate == pytest.approx(got.score + routing.RELEVANCE_WEIGHT * (0.60 - routing.RELEVANCE_FLOOR))
-    # the third fact is not among the RELEVANT_FACTS most relevant: its opening is never scored
-    assert routing.RELEVANT_FACTS == 2
+    assert got.gate == pytest.approx(got.score + routing.RELEVANCE_WEIGHT * (0.90 - routing.RELEVANCE_FLOOR))
+    # only the RELEVANT_FACTS most relevant facts' openings are scored: the last other never is
+    near = routing.relevant(cands, rel)
+    assert len(near) == routing.RELEVANT_FACTS and others[-1] not in near
     n = be.evals
     routing.best_opening(be, prompt, cands, min_score=-100, relevance=rel)
-    assert be.evals == n + 3                # the last prompt token, one opening per relevant fact
+    assert be.evals == n + 1 + len(near)    # the last prompt token, then each opening
     # equally relevant: the likelier opening; a turn close to no fact holds back a likely opening
     even = routing.best_opening(be, prompt, cands, min_score=-100, relevance={"likely": 0.5, "asked": 0.5})
     assert even.opening.fact_id == "likely"
@@ -264,3 +266,15 @@ def test_relevance_compares_the_turn_with_each_fact_and_keeps_their_vectors():
     assert enc.calls == [["My dog is called Biscuit", "I drive a red Volvo"], ["What car do I drive?"],
                          ["Who is my dog?"]]                      # the facts embedded once
     assert routing.relevance(found, enc, "  ") == {}
+
+
+def test_a_fact_is_compared_in_the_first_person():
+    """"Casey was born in 1986" is about "my sibling" when another fact says so: a question asks
+    "my sibling", and the sentence encoder cannot know who Casey is."""
+    class Fact:
+        def __init__(self, id, prompt, answer):
+            self.id, self.prompt, self.answer = id, prompt, answer
+
+    facts = [Fact("f1", "My sibling is", "Casey"), Fact("f2", "Casey was born in", "1986")]
+    assert [routing.fact_text(f, facts) for f in facts] == ["My sibling is Casey", "My sibling was born in 1986"]
+    assert routing.openings(facts, lambda s: [len(w) for w in s.split()]).facts["f2"] == "My sibling was born in 1986"

@@ -28,8 +28,8 @@ Measured (docs/chat-memory.md, "Session 14"; every opening scored in full, memor
 session-12 writer): the right fact is the most relevant for 44/45 direct and 84/90 paraphrased
 questions of the dev personas (the likeliest opening is the right fact's for 45/45 and 75/90).
 Said right / wrong, dev: direct 44/0 both ways; paraphrased 70/6 of 90 by the likelihood and
-gate alone, 82/4 with relevance; held-out personas p03-p09: paraphrased 138/18 of 210 -> 182/7,
-direct 96/2 -> 100/1 of 105; none of the 50 general questions of the ten personas is routed
+gate alone, 82/4 with relevance; held-out personas p03-p09: paraphrased 138/18 of 210 -> 181/9,
+direct 96/2 -> 99/2 of 105; none of the 50 general questions of the ten personas is routed
 either way.
 """
 
@@ -55,11 +55,13 @@ NEUTRAL_TURNS = ("Hi.", "Tell me about myself.", "What do you know about me?",
 SHORTLIST = 6
 # With relevance (a turn's cosine to each fact, runtime.retrieval): the openings of the
 # RELEVANT_FACTS most relevant facts are scored whole; the best by score + PICK_WEIGHT x relevance
+# (relevance decides between two facts unless they are about as close: then the model does,
+# e.g. "What other hobby do I have?" -> "I also enjoy", where the encoder prefers the first hobby)
 # is said when its gate + RELEVANCE_WEIGHT x (relevance - RELEVANCE_FLOOR) reaches MIN_GATE. Set on
 # the dev personas (p00-p02): their general questions' best gates at -1.24 (a quarter nat below the
 # bound); on p03-p09 at -1.78 ("What sweet food do bees make?" -> "I am allergic to", relevance 0.52).
-RELEVANT_FACTS = 2
-PICK_WEIGHT = 20.0
+RELEVANT_FACTS = 3
+PICK_WEIGHT = 10.0
 RELEVANCE_WEIGHT = 4.0
 RELEVANCE_FLOOR = 0.25
 
@@ -107,10 +109,14 @@ class Openings(list):
         self.vectors: tuple[list[str], np.ndarray] | None = None
 
 
-def fact_text(fact) -> str:
-    """What a fact's relevance is measured against: its prompt and answer ("I have a golden
-    retriever named Biscuit")."""
-    return f"{fact.prompt} {fact.answer}".strip()
+def fact_text(fact, facts=()) -> str:
+    """What a fact's relevance is measured against: its prompt, in the first person as the echo
+    forms word it (`text.questions.first_person`: "Casey was born in" -> "My sibling was born in"
+    where another of `facts` says "My sibling is Casey"; a question asks "my sibling", and the
+    encoder cannot know who Casey is), and its answer ("I have a golden retriever named Biscuit")."""
+    from engram_local.text.questions import first_person
+
+    return f"{first_person(fact.prompt, facts)} {fact.answer}".strip()
 
 
 def openings(facts, tokenize: Callable[[str], list[int]], per_fact: int | None = None) -> Openings:
@@ -119,7 +125,7 @@ def openings(facts, tokenize: Callable[[str], list[int]], per_fact: int | None =
     from engram_local.text.questions import ECHO_FORMS_PER_FACT, echo_prefixes
 
     facts = list(facts)
-    out, seen = Openings(facts={f.id: fact_text(f) for f in facts}), set()
+    out, seen = Openings(facts={f.id: fact_text(f, facts) for f in facts}), set()
     for fid, forms in echo_prefixes(facts, tokenize, per_fact or ECHO_FORMS_PER_FACT).items():
         for _, text in forms:
             ids = tuple(tokenize(text))
