@@ -32,9 +32,8 @@ def main() -> None:
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    from engram_local.runtime.session import Session
-
     from engram_local.runtime.retrieval import sentence_encoder
+    from engram_local.runtime.session import Session
 
     t = time.perf_counter()
     encoder = sentence_encoder(print)

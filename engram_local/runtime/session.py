@@ -329,14 +329,12 @@ class Session:
             self.log(f"engram-local: reply openings unavailable: {exc}")
             self._openings = None
             return None
-        near = None
-        if found and query and self.encoder is not None:
-            near = routing.relevance(found, self.encoder, query)
+        near = routing.relevance(found, self.encoder, query) if found and query else None
         return self.engine.opening(prompt, found, neutral=self.neutral_prompts, relevance=near)
 
     @functools.cached_property
     def encoder(self):
-        """The sentence encoder routing weighs facts with (runtime.retrieval.Embedder, loaded on
+        """The sentence encoder routing weighs facts with (runtime.retrieval.BertEncoder, loaded on
         first use), or None where it is not installed (routing then goes by likelihood alone)."""
         from engram_local.runtime.retrieval import sentence_encoder
 

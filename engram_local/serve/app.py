@@ -172,8 +172,7 @@ def _opened(state: ServerState, user: str, stack, messages: list[dict]) -> dict:
         ids = state.session.encode(None, messages)
         found = state.store.openings(user, state.session.reply_tokenize)
         turn = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
-        near = routing.relevance(found, state.session.encoder, turn) \
-            if found and turn and state.session.encoder is not None else None
+        near = routing.relevance(found, state.session.encoder, turn) if found and turn else None
         route = state.engine.opening(ids, found, stack, neutral=state.session.neutral_prompts,
                                      relevance=near)
     except Exception:  # noqa: BLE001 - no opening; the request reports its own problems as before
