@@ -44,7 +44,7 @@ def main() -> None:
             s = Session(None, overrides=[path], n_ctx=512, n_threads=args.threads, log=lambda m: None)
             s.encoder = encoder if rule == "relevance" else None
             try:
-                n = len(s._memory_openings())
+                n = len(s.memory_openings())
                 route_s, prompt_s, routed = [], [], 0
                 t = time.perf_counter()
                 s.chat_opening(s.tokenize(QUESTIONS[0], chat=True), QUESTIONS[0])   # warm-up, facts embedded
@@ -60,7 +60,7 @@ def main() -> None:
                     routed += s.chat_opening(ids, q) is not None
                     route_s.append(time.perf_counter() - t)
                 row = {"file": path, "rule": rule, "openings": n, "questions": len(QUESTIONS), "routed": routed,
-                       "priors_taken": len(s._memory_openings().priors),
+                       "priors_taken": len(s.memory_openings().priors),
                        "chat_opening_ms_median": round(1000 * statistics.median(route_s), 1),
                        "chat_opening_ms_max": round(1000 * max(route_s), 1),
                        "prompt_only_ms_median": round(1000 * statistics.median(prompt_s), 1),

@@ -156,7 +156,9 @@ def test_default_model_routes_a_paraphrase_to_its_fact(tmp_path):
         assert "Volvo" in reply, reply
         assert s.chat_opening(s.tokenize("What is the capital of France?", chat=True)) is None
         # with the user's turn, relevance (the sentence encoder, where installed) weighs the facts
-        for q, fid in (("Which car is mine?", "f2"), ("Who is my boss?", "f1"), ("What is the capital of France?", None)):
+        # ... and small talk in the first person is left alone (routing.RELEVANCE_MIN)
+        for q, fid in (("Which car is mine?", "f2"), ("Who is my boss?", "f1"), ("What is the capital of France?", None),
+                       ("I'm bored, tell me a joke.", None)):
             route = s.chat_opening(s.tokenize(q, chat=True), q)
             assert (route.opening.fact_id if route is not None else None) == fid, (q, route)
     finally:
@@ -237,6 +239,20 @@ def test_relevance_picks_the_fact_and_moves_the_gate():
     assert routing.best_opening(be, prompt, cands, min_score=alone.score) is not None
 
 
+def test_nothing_is_said_for_a_fact_below_the_relevance_floor():
+    """However likely its opening, a fact less relevant to the turn than RELEVANCE_MIN is not
+    said (small talk), and no prior is taken for it."""
+    be = ScriptedBackend(vocab=16)
+    prompt = [1, 2, 4]
+    cands = routing.Openings([_opening("likely", [5, 6])])
+    low = {"likely": routing.RELEVANCE_MIN - 0.01}
+    assert routing.best_opening(be, prompt, cands, neutral=[[1, 2, 7]], min_score=-100, relevance=low) is None
+    assert cands.priors == {} and be.tokens == prompt
+    ok = {"likely": routing.RELEVANCE_MIN}
+    assert routing.best_opening(be, prompt, cands, min_score=-100, relevance=ok).opening.fact_id == "likely"
+    assert routing.best_opening(be, prompt, cands, min_score=-100, relevance=low, min_relevance=0.0) is not None
+
+
 class WordEncoder:
     """embed(texts): unit bag-of-words vectors over a fixed vocabulary (a stand-in sentence encoder)."""
 
@@ -266,6 +282,36 @@ def test_relevance_compares_the_turn_with_each_fact_and_keeps_their_vectors():
     assert enc.calls == [["My dog is called Biscuit", "I drive a red Volvo"], ["What car do I drive?"],
                          ["Who is my dog?"]]                      # the facts embedded once
     assert routing.relevance(found, enc, "  ") == {}
+
+
+def test_a_turn_about_the_user_says_so_in_the_first_person():
+    for turn in ("What's my go-to hot drink?", "Remind me what I drive", "Which one is mine?",
+                 "I\u2019m curious: what do I do for work?", "who am i?", "Tell me about MYSELF"):
+        assert routing.about_user(turn), turn
+    for turn in ("How do bees make honey?", "Who wrote Romeo and Juliet?", "What is 12 plus 15?",
+                 "Summarise the Iliad", "Is mimicry common?", "Imagine a city"):
+        assert not routing.about_user(turn), turn
+
+
+def test_turn_routing_lowers_the_gate_for_a_turn_about_the_user():
+    """With relevance, a turn about the user is routed at MIN_GATE_ABOUT_USER and any other at
+    MIN_GATE; without an encoder (or a turn) routing is by likelihood alone at MIN_GATE."""
+    class Fact:
+        def __init__(self, id, prompt, answer):
+            self.id, self.prompt, self.answer = id, prompt, answer
+
+    found = routing.openings([Fact("f1", "My dog is called", "Biscuit"), Fact("f2", "I drive a", "red Volvo")],
+                             lambda s: [len(w) for w in s.split()])
+    enc = WordEncoder()
+    mine = routing.turn_routing(found, enc, "What car do I drive?")
+    assert mine["min_score"] == routing.MIN_GATE_ABOUT_USER < routing.MIN_GATE
+    assert mine["relevance"]["f2"] > mine["relevance"]["f1"]
+    other = routing.turn_routing(found, enc, "Which car is fastest?")
+    assert other["min_score"] == routing.MIN_GATE and set(other["relevance"]) == {"f1", "f2"}
+    for enc_, turn in ((None, "What car do I drive?"), (enc, None), (enc, "")):
+        assert routing.turn_routing(found, enc_, turn) == {"relevance": None, "min_score": routing.MIN_GATE}
+    assert routing.turn_routing(routing.Openings(), enc, "my car?") == {"relevance": None,
+                                                                       "min_score": routing.MIN_GATE}
 
 
 def test_a_fact_is_compared_in_the_first_person():

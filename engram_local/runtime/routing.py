@@ -30,12 +30,15 @@ questions of the dev personas (the likeliest opening is the right fact's for 45/
 Said right / wrong, dev: direct 44/0 both ways; paraphrased 70/6 of 90 by the likelihood and
 gate alone, 82/4 with relevance; held-out personas p03-p09: paraphrased 138/18 of 210 -> 181/9,
 direct 96/2 -> 99/2 of 105; none of the 50 general questions of the ten personas is routed
-either way.
+either way. Session 15: a turn about the user (first person) gates lower, and no fact less
+relevant than RELEVANCE_MIN is said (first-person small talk, bench/data/smalltalk.txt, was
+routed the most); end to end, paraphrased dev 78 -> 82/90, p03-p09 175 -> 180/210.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -64,6 +67,19 @@ RELEVANT_FACTS = 3
 PICK_WEIGHT = 10.0
 RELEVANCE_WEIGHT = 4.0
 RELEVANCE_FLOOR = 0.25
+# Said at all only when the turn is this close to the fact (cosine): turns about nothing the user
+# said - small talk in the first person ("I'm bored, tell me a joke.") - stay below it, their
+# best fact at 0.16 (median) and 0.27 (90th percentile); the right fact of a paraphrased question
+# at 0.42 (20th percentile). bench/routing_pick.py --smalltalk (docs/chat-memory.md, "Session 15").
+RELEVANCE_MIN = 0.32
+# A turn that speaks of the user in the first person ("What's my go-to hot drink?") asks about the
+# user; one that does not ("How do bees make honey?") is a general question. The first gate at
+# MIN_GATE_ABOUT_USER - a fact's opening the model finds unlikely after the user's own wording
+# ("My favorite tea is", -5.2) still opens the reply when the turn is close to the fact - and the
+# others at MIN_GATE. Every direct and paraphrased question of the ten dev personas (450) says
+# "I", "me" or "my", none of their 50 general questions does.
+MIN_GATE_ABOUT_USER = -2.0
+FIRST_PERSON = re.compile(r"\b(?:i|me|my|mine|myself)\b", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -148,6 +164,23 @@ def relevance(candidates: Openings, encoder, query: str) -> dict[str, float]:
     return {fid: float(v) for fid, v in zip(candidates.facts, candidates.retriever.scores(query))}
 
 
+def about_user(turn: str) -> bool:
+    """Whether the user's turn speaks of the user in the first person ("I", "me", "my", "mine",
+    "myself"; "I'm" and "I've" count as "I")."""
+    return bool(FIRST_PERSON.search(turn.replace("\u2019", "'")))
+
+
+def turn_routing(candidates: Openings, encoder, turn: str | None) -> dict:
+    """What routing a reply to the user's `turn` is judged by, as keyword arguments of
+    best_opening: the turn's `relevance` to each fact (None without an encoder, openings or
+    turn) and the gate it must reach (`min_score`: MIN_GATE_ABOUT_USER for a turn about the user
+    when relevance is known, MIN_GATE otherwise; best_opening also asks RELEVANCE_MIN of the
+    fact then)."""
+    near = relevance(candidates, encoder, turn) if candidates and turn else None
+    return {"relevance": near or None,
+            "min_score": MIN_GATE_ABOUT_USER if near and about_user(turn) else MIN_GATE}
+
+
 def mean_logprob(first_logits: np.ndarray, rows: np.ndarray, tokens: Sequence[int]) -> float:
     """Mean log-probability of `tokens` given the logits before the first (`first_logits`,
     [n_vocab]) and the logits after each of them (`rows`, [len(tokens), n_vocab]; its last row
@@ -211,7 +244,8 @@ def rank(r: Route) -> float:
 
 def best_opening(backend, prompt: Sequence[int], candidates: Sequence[Opening],
                  neutral: Sequence[Sequence[int]] = (), min_score: float = MIN_GATE,
-                 keep: int = SHORTLIST, relevance: dict[str, float] | None = None) -> Route | None:
+                 keep: int = SHORTLIST, relevance: dict[str, float] | None = None,
+                 min_relevance: float = RELEVANCE_MIN) -> Route | None:
     """The opening a reply to `prompt` starts with, on `backend`'s sequence (left holding
     `prompt`), or None when its gate (`Route.gate`, its prior taken after each of the `neutral`
     prompts; without them the likelihood alone) does not reach `min_score`. The caller holds the
@@ -219,7 +253,8 @@ def best_opening(backend, prompt: Sequence[int], candidates: Sequence[Opening],
 
     With `relevance` (fact id -> the turn's cosine to the fact, `relevance()`), the openings of
     the RELEVANT_FACTS most relevant facts are scored and the best by score + PICK_WEIGHT x
-    relevance is the one; without it the likeliest of all. Each decode call reads the whole
+    relevance is the one, said only when its fact's relevance reaches `min_relevance`; without
+    it the likeliest of all. Each decode call reads the whole
     model, so without relevance the candidates are not scored one by one: their first two tokens
     are (one call per distinct first token), and only the `keep` likeliest by those are scored
     whole. A prior costs a decode per neutral prompt, once per opening, and only when the gate
@@ -251,6 +286,8 @@ def best_opening(backend, prompt: Sequence[int], candidates: Sequence[Opening],
         r = Route(c, score, relevance=relevance.get(c.fact_id, 0.0) if relevance else None)
         if math.isfinite(score) and (best is None or rank(r) > rank(best)):
             best = r
+    if best is not None and best.relevance is not None and best.relevance < min_relevance:
+        return None
     if best is not None and best.gate < min_score and neutral:     # the prior may still pass it
         priors = candidates.priors if isinstance(candidates, Openings) else {}
         if best.opening not in priors:

@@ -292,7 +292,7 @@ class Session:
         """Token ids of reply text as the model writes it (no BOS)."""
         return self.backend.tokenize(text, add_bos=False)
 
-    def _memory_openings(self) -> list:
+    def memory_openings(self) -> list:
         """The fitted reply openings of the facts in the override files (runtime.routing), read
         again when a file changed; [] without memory or without `echo_replies`."""
         from engram_local.formats.eov import read_memory_file
@@ -324,13 +324,13 @@ class Session:
         from engram_local.runtime import routing
 
         try:
-            found = self._memory_openings()
+            found = self.memory_openings()
         except (ValueError, OSError) as exc:        # a file that cannot be read: no routing
             self.log(f"engram-local: reply openings unavailable: {exc}")
             self._openings = None
             return None
-        near = routing.relevance(found, self.encoder, query) if found and query else None
-        return self.engine.opening(prompt, found, neutral=self.neutral_prompts, relevance=near)
+        return self.engine.opening(prompt, found, neutral=self.neutral_prompts,
+                                   **routing.turn_routing(found, self.encoder, query))
 
     @functools.cached_property
     def encoder(self):

@@ -172,9 +172,8 @@ def _opened(state: ServerState, user: str, stack, messages: list[dict]) -> dict:
         ids = state.session.encode(None, messages)
         found = state.store.openings(user, state.session.reply_tokenize)
         turn = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
-        near = routing.relevance(found, state.session.encoder, turn) if found and turn else None
         route = state.engine.opening(ids, found, stack, neutral=state.session.neutral_prompts,
-                                     relevance=near)
+                                     **routing.turn_routing(found, state.session.encoder, turn))
     except Exception:  # noqa: BLE001 - no opening; the request reports its own problems as before
         route = None
     if route is None:
