@@ -127,6 +127,8 @@ def test_a_reply_opens_with_the_given_tokens(tmp_path_factory, backend):
         assert got.tokens == opening + plain.tokens
         assert "".join(seen) == got.text and got.text.startswith(s.backend.detokenize(opening))
         assert s.chat_opening(prompt) is None                # no memory: nothing to route to
+        assert s.chat_opening(prompt, "What is my dog's name?") is None
+        assert "encoder" not in s.__dict__                   # ... and no sentence encoder loaded
     finally:
         s.close()
 
@@ -303,15 +305,20 @@ def test_turn_routing_lowers_the_gate_for_a_turn_about_the_user():
     found = routing.openings([Fact("f1", "My dog is called", "Biscuit"), Fact("f2", "I drive a", "red Volvo")],
                              lambda s: [len(w) for w in s.split()])
     enc = WordEncoder()
-    mine = routing.turn_routing(found, enc, "What car do I drive?")
+    mine = routing.turn_routing(found, lambda: enc, "What car do I drive?")
     assert mine["min_score"] == routing.MIN_GATE_ABOUT_USER < routing.MIN_GATE
     assert mine["relevance"]["f2"] > mine["relevance"]["f1"]
-    other = routing.turn_routing(found, enc, "Which car is fastest?")
+    other = routing.turn_routing(found, lambda: enc, "Which car is fastest?")
     assert other["min_score"] == routing.MIN_GATE and set(other["relevance"]) == {"f1", "f2"}
     for enc_, turn in ((None, "What car do I drive?"), (enc, None), (enc, "")):
-        assert routing.turn_routing(found, enc_, turn) == {"relevance": None, "min_score": routing.MIN_GATE}
-    assert routing.turn_routing(routing.Openings(), enc, "my car?") == {"relevance": None,
-                                                                       "min_score": routing.MIN_GATE}
+        assert routing.turn_routing(found, lambda: enc_, turn) == {"relevance": None, "min_score": routing.MIN_GATE}
+
+    def never():
+        raise AssertionError("the encoder is loaded only for openings and a turn")
+
+    assert routing.turn_routing(routing.Openings(), never, "my car?") == {"relevance": None,
+                                                                         "min_score": routing.MIN_GATE}
+    assert routing.turn_routing(found, never, None)["relevance"] is None
 
 
 def test_a_fact_is_compared_in_the_first_person():

@@ -170,13 +170,14 @@ def about_user(turn: str) -> bool:
     return bool(FIRST_PERSON.search(turn.replace("\u2019", "'")))
 
 
-def turn_routing(candidates: Openings, encoder, turn: str | None) -> dict:
+def turn_routing(candidates: Openings, encoder: Callable[[], object], turn: str | None) -> dict:
     """What routing a reply to the user's `turn` is judged by, as keyword arguments of
     best_opening: the turn's `relevance` to each fact (None without an encoder, openings or
     turn) and the gate it must reach (`min_score`: MIN_GATE_ABOUT_USER for a turn about the user
     when relevance is known, MIN_GATE otherwise; best_opening also asks RELEVANCE_MIN of the
-    fact then)."""
-    near = relevance(candidates, encoder, turn) if candidates and turn else None
+    fact then). `encoder()` gives the sentence encoder or None; it is called only when there are
+    openings and a turn, so a chat without memory never loads one."""
+    near = relevance(candidates, encoder(), turn) if candidates and turn else None
     return {"relevance": near or None,
             "min_score": MIN_GATE_ABOUT_USER if near and about_user(turn) else MIN_GATE}
 

@@ -330,7 +330,7 @@ class Session:
             self._openings = None
             return None
         return self.engine.opening(prompt, found, neutral=self.neutral_prompts,
-                                   **routing.turn_routing(found, self.encoder, query))
+                                   **routing.turn_routing(found, lambda: self.encoder, query))
 
     @functools.cached_property
     def encoder(self):

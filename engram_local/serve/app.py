@@ -173,7 +173,7 @@ def _opened(state: ServerState, user: str, stack, messages: list[dict]) -> dict:
         found = state.store.openings(user, state.session.reply_tokenize)
         turn = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
         route = state.engine.opening(ids, found, stack, neutral=state.session.neutral_prompts,
-                                     **routing.turn_routing(found, state.session.encoder, turn))
+                                     **routing.turn_routing(found, lambda: state.session.encoder, turn))
     except Exception:  # noqa: BLE001 - no opening; the request reports its own problems as before
         route = None
     if route is None:
