@@ -86,8 +86,8 @@ def main() -> None:
                 t = tally[q.kind]
                 t["n"] += 1
                 t["likeliest_right"] += right
-                rules = [("likelihood", ops[i], scores[i], LIKELIHOOD_BOUND),
-                         ("gate", ops[i], routing.gate(scores[i], priors[ops[i]]), routing.MIN_GATE)]
+                rules = [("likelihood", ops[i], scores[i], scores[i] >= LIKELIHOOD_BOUND),
+                         ("gate", ops[i], g := routing.gate(scores[i], priors[ops[i]]), g >= routing.MIN_GATE)]
                 row = {"persona": persona.name, "kind": q.kind, "question": q.text, "best": ops[i].text,
                        "right": right, "score": round(scores[i], 3), "prior": round(priors[ops[i]], 3)}
                 if encoder is not None:
@@ -96,18 +96,19 @@ def main() -> None:
                     by = {o: sc for o, sc in zip(ops, scores)}
                     r = max((routing.Route(o, by[o], priors[o], rel[o.fact_id])
                              for o in routing.relevant(ops, rel)), key=routing.rank)
-                    rules.append(("relevance_s14", r.opening, r.gate, routing.MIN_GATE))
-                    # shipped: the turn's own bound, and nothing said below RELEVANCE_MIN
-                    bound = routing.turn_routing(ops, encoder, q.text)["min_score"]
+                    rules.append(("relevance_s14", r.opening, r.gate, r.gate >= routing.MIN_GATE))
+                    # shipped: the turn's own bound, and nothing said below RELEVANCE_MIN (a general
+                    # question's gate counts towards the highest only when its fact is that near)
+                    bound = routing.min_gate(q.text, rel)
                     rules.append(("relevance", r.opening,
-                                  r.gate if r.relevance >= routing.RELEVANCE_MIN else -float("inf"), bound))
+                                  r.gate if routing.passes(r, -float("inf")) else None, routing.passes(r, bound)))
                     row.update(picked=r.opening.text, picked_right=r.opening.fact_id == asked,
                                relevance=round(r.relevance, 3), picked_gate=round(r.gate, 3), bound=bound)
-                for rule, o, value, bound in rules:
-                    if value >= bound:
+                for rule, o, value, said in rules:
+                    if said:
                         t[rule][0 if o.fact_id == asked else 1] += 1
-                    if q.kind == "general" and (general_max[rule] is None or value > general_max[rule]) \
-                            and value > -float("inf"):
+                    if q.kind == "general" and value is not None and (general_max[rule] is None
+                                                                       or value > general_max[rule]):
                         general_max[rule] = round(value, 3)
                 per.append(row)
         finally:

@@ -264,13 +264,12 @@ class Engine:
         return self.submit(request).result()
 
     def opening(self, prompt: Sequence[int], candidates, stack=None,
-                neutral: Sequence[Sequence[int]] = (), relevance: dict[str, float] | None = None,
-                min_score: float | None = None):
+                neutral: Sequence[Sequence[int]] = (), **judge):
         """The runtime.routing.Route a chat reply to `prompt` (token ids) on `stack` (a user's
         override stack, None: the backend's own) opens with, scored on sequence 0 while no request
         runs (runtime.routing.best_opening; `neutral`: the token ids of routing.NEUTRAL_TURNS
-        rendered as `prompt` was; `relevance`: routing.relevance of the user's turn; `min_score`:
-        the gate, default routing.MIN_GATE; routing.turn_routing gives both). None when
+        rendered as `prompt` was; `judge`: best_opening's `relevance` and `min_score`, as
+        routing.turn_routing gives them for the user's turn). None when
         the best does not pass the gate, when the prompt
         leaves no room, or when the engine is busy (the reply then opens as the model likes).
         Sequence 0 is left holding `prompt` for that stack, which the next request reuses."""
@@ -284,8 +283,7 @@ class Engine:
                 if slot.stack is not stack:
                     be.set_seq_stack(0, stack)      # another user's rows: sequence 0 starts over
                     slot.stack = stack
-                return routing.best_opening(be, prompt, candidates, neutral, relevance=relevance,
-                                            min_score=routing.MIN_GATE if min_score is None else min_score)
+                return routing.best_opening(be, prompt, candidates, neutral, **judge)
         except EngineError:
             return None
 

@@ -178,8 +178,19 @@ def turn_routing(candidates: Openings, encoder: Callable[[], object], turn: str 
     fact then). `encoder()` gives the sentence encoder or None; it is called only when there are
     openings and a turn, so a chat without memory never loads one."""
     near = relevance(candidates, encoder(), turn) if candidates and turn else None
-    return {"relevance": near or None,
-            "min_score": MIN_GATE_ABOUT_USER if near and about_user(turn) else MIN_GATE}
+    return {"relevance": near or None, "min_score": min_gate(turn, near)}
+
+
+def min_gate(turn: str | None, relevance: dict[str, float] | None) -> float:
+    """The gate a reply to `turn` must reach: MIN_GATE_ABOUT_USER for a turn about the user when
+    its `relevance` to the facts is known, MIN_GATE otherwise."""
+    return MIN_GATE_ABOUT_USER if relevance and turn and about_user(turn) else MIN_GATE
+
+
+def passes(r: Route, min_score: float, min_relevance: float = RELEVANCE_MIN) -> bool:
+    """Whether the opening `r` is said: its fact at least `min_relevance` relevant (when relevance
+    is known) and its gate at `min_score` or above."""
+    return (r.relevance is None or r.relevance >= min_relevance) and r.gate >= min_score
 
 
 def mean_logprob(first_logits: np.ndarray, rows: np.ndarray, tokens: Sequence[int]) -> float:
@@ -287,7 +298,7 @@ def best_opening(backend, prompt: Sequence[int], candidates: Sequence[Opening],
         r = Route(c, score, relevance=relevance.get(c.fact_id, 0.0) if relevance else None)
         if math.isfinite(score) and (best is None or rank(r) > rank(best)):
             best = r
-    if best is not None and best.relevance is not None and best.relevance < min_relevance:
+    if best is not None and not passes(best, -math.inf, min_relevance):   # not near: no prior taken
         return None
     if best is not None and best.gate < min_score and neutral:     # the prior may still pass it
         priors = candidates.priors if isinstance(candidates, Openings) else {}
@@ -295,4 +306,4 @@ def best_opening(backend, prompt: Sequence[int], candidates: Sequence[Opening],
             priors[best.opening] = prior(backend, best.opening, neutral)
             hold_prompt(backend, prompt)
         best = Route(best.opening, best.score, priors[best.opening], best.relevance)
-    return best if best is not None and best.gate >= min_score else None
+    return best if best is not None and passes(best, min_score, min_relevance) else None
