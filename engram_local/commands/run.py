@@ -510,10 +510,11 @@ class _Memory:
             if f.id in job.new_ids:
                 old = job.replaced.get(f.id)
                 ok = job.recalled.get(f.id)
+                joined = bool(old) and getattr(f, "adds", False)    # "I love" -> "jazz, hiking"
                 _err(f"(remembered [{f.id}] {f.prompt!r} -> {f.answer!r}"
-                     + (f", replacing {old}" if old else "")
+                     + (f", added to {old}'s answer" if joined else f", replacing {old}" if old else "")
                      + ("; not yet recalled exactly" if ok is False else "")
-                     + f"; /forget {f.id} to undo)")
+                     + (f"; /forget {f.id} forgets both)" if joined else f"; /forget {f.id} to undo)"))
             elif f.id is not None and f.id in job.unchanged:
                 _err(f"(already remembered [{f.id}] {f.prompt!r} -> {f.answer!r})")
         for statement, message in job.errors:

@@ -3,7 +3,7 @@
 The protocol (docs/chat-memory.md), through the paths a user takes:
 
   1. `remember` a persona's statements into a fresh .eov (memory.facade.remember with each
-     statement split by text.facts.split_statement, as `engram-local remember STATEMENT...`);
+     statement read by text.facts.read_statement, as `engram-local remember STATEMENT...`);
   2. ask every question as one chat user turn (runtime.session.Session, as
      `engram-local run --chat -p Q`): greedy, 32 tokens, KV cache reset before each question;
   3. a question is answered when any of its `expect` strings is contained in the reply
@@ -62,7 +62,7 @@ class Persona:
     path: Path
     description: str
     statements: list[str]
-    facts: list[tuple[str, str]]   # (prompt, answer) of each statement, split as `remember` splits
+    facts: list                    # memory.NewFact of each statement, as `remember` reads it
     questions: list[Question] = field(default_factory=list)
 
 
@@ -101,7 +101,7 @@ def load_persona(path: str | os.PathLike) -> Persona:
         facts = []
         for s in statements:
             try:
-                facts.append(memory.split_statement(s))
+                facts.append(memory.statement_fact(s))
             except memory.FactInputError as e:
                 raise ChatMemoryError(f"statement {s!r}: {e}") from None
         questions: list[Question] = []
@@ -220,13 +220,13 @@ class ChatMemoryEval:
         if eov.exists():
             try:
                 mf = read_memory_file(eov, memory.fingerprint_of(self.model))
-                if [(f.prompt, f.answer) for f in mf.facts] == [tuple(x) for x in persona.facts]:
+                if [(f.prompt, f.answer) for f in mf.facts] == [(f.prompt, f.answer) for f in persona.facts]:
                     return eov, {"eov": str(eov), "bytes": eov.stat().st_size, "seconds": 0.0, "reused": True}
             except (ValueError, OSError):
                 pass
             eov.unlink()
         em, tok, fp = self._torch_model(skill)
-        facts = [memory.NewFact(prompt=p, answer=a) for p, a in persona.facts]
+        facts = [memory.NewFact(f.prompt, f.answer, adds=f.adds) for f in persona.facts]
         try:
             rep = memory.remember(eov, facts, em, tok, fp)
         except memory.FactInputError as e:

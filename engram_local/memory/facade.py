@@ -28,7 +28,7 @@ import numpy as np
 from engram_local import constants
 from engram_local.formats.eov import open_overrides  # noqa: F401 (re-exported: engram_local.memory.open_overrides)
 from engram_local.text.facts import (FactInputError, _answer_text, chat_contexts,  # noqa: F401 (re-exported)
-                                     prompt_from_sentence, split_statement)
+                                     prompt_from_sentence, read_statement, split_statement)
 from engram_local.text.user_files import UserFile, read_user_file
 
 # --------------------------------------------------------------------------- facts
@@ -36,11 +36,21 @@ from engram_local.text.user_files import UserFile, read_user_file
 
 @dataclass
 class NewFact:
-    """A fact to write: its answer follows `prompt`; `paraphrases` are more trigger prompts."""
+    """A fact to write: its answer follows `prompt`; `paraphrases` are more trigger prompts.
+    `adds`: a fact with the same prompt keeps its answer and this one's joins it ("I love" ->
+    "jazz, hiking"), instead of being replaced (text.facts.read_statement says which)."""
     prompt: str
     answer: str
     id: str | None = None
     paraphrases: list[str] = field(default_factory=list)
+    adds: bool = False
+
+
+def statement_fact(statement: str) -> NewFact:
+    """The fact a typed statement states (text.facts.read_statement); FactInputError when it
+    cannot be split."""
+    prompt, answer, adds = read_statement(statement)
+    return NewFact(prompt=prompt, answer=answer, adds=adds)
 
 
 def user_json_facts(path: str | os.PathLike | UserFile, paraphrases: bool = False) -> list[NewFact]:
@@ -333,6 +343,15 @@ def _plan_updates(mf, new: list[NewFact], tok, path) -> _Updates:
             raise FactInputError(f"fact id {f.id!r}: ids must be non-empty and contain no spaces")
         fkeys = [prompt_key(p) for p in _prompts(f)]
         matches = [g for g in up.current if keys[id(g)] & set(fkeys)]
+        if given.adds and len(matches) == 1 and prompt_key(matches[0].prompt) == fkeys[0]:
+            # "I love hiking" after "I love jazz": one fact, both answers ("jazz, hiking"); an
+            # answer it already holds is said again (unchanged below)
+            had = matches[0].answer
+            if _norm_answer(f.answer).casefold() not in {
+                    _norm_answer(a).casefold() for a in re.split(r",\s*|\s+and\s+", had)}:
+                f.answer = f"{had}, {f.answer}"
+            else:
+                f.answer = had
         if (len(matches) == 1 and prompt_key(matches[0].prompt) == fkeys[0]
                 and _norm_answer(matches[0].answer) == _norm_answer(f.answer)
                 and set(fkeys) <= keys[id(matches[0])]

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from engram_local.text.facts import FactInputError, split_statement
+from engram_local.text.facts import FactInputError, read_statement
 from engram_local.text.statements import extract_facts
 
 __all__ = ["Learner", "Proposal", "Job"]
@@ -45,6 +45,13 @@ class Proposal:
     prompt: str
     answer: str
     replaces: str | None = None
+    adds: bool = False        # its answer joins the stored fact's (facade.NewFact.adds)
+
+    def fact(self):
+        """The facade.NewFact to write."""
+        from engram_local.memory.facade import NewFact
+
+        return NewFact(prompt=self.prompt, answer=self.answer, adds=self.adds)
 
 
 @dataclass
@@ -147,7 +154,7 @@ class Learner:
         out, seen = [], set()
         for s in statements:
             try:
-                prompt, answer = split_statement(s)
+                prompt, answer, adds = read_statement(s)
             except FactInputError:
                 continue
             k = (_prompt_key(prompt), _key(answer))
@@ -155,7 +162,8 @@ class Learner:
                 continue
             seen.add(k)
             old = by_prompt.get(k[0])
-            out.append(Proposal(s, prompt, answer, replaces=old.id if old is not None else None))
+            out.append(Proposal(s, prompt, answer, replaces=old.id if old is not None and not adds else None,
+                                adds=adds))
         return out
 
     # ------------------------------------------------------------------ the queue
@@ -174,17 +182,16 @@ class Learner:
         """Queue a write of `statements` (str statements, Proposals or facade.NewFact) and return
         its Job at once. A statement that cannot be split raises FactInputError here, before
         anything is queued."""
-        from engram_local.memory.facade import NewFact
+        from engram_local.memory.facade import NewFact, statement_fact
 
         facts = []
         for s in statements:
             if isinstance(s, NewFact):
                 facts.append(s)
             elif isinstance(s, Proposal):
-                facts.append(NewFact(prompt=s.prompt, answer=s.answer))
+                facts.append(s.fact())
             else:
-                prompt, answer = split_statement(str(s))
-                facts.append(NewFact(prompt=prompt, answer=answer))
+                facts.append(statement_fact(str(s)))
         if not facts:
             raise FactInputError("no facts given")
         return self._enqueue(Job("remember", facts=facts, on_done=on_done))

@@ -288,8 +288,8 @@ def _enqueue(fn, *args):
 
 
 async def add_memory(request: Request):
-    from engram_local.memory.facade import NewFact
-    from engram_local.text.facts import FactInputError, split_statement
+    from engram_local.memory.facade import NewFact, statement_fact
+    from engram_local.text.facts import FactInputError
 
     state = _state(request)
     body = await json_body(request)
@@ -297,19 +297,18 @@ async def add_memory(request: Request):
     if "statement" in body:
         statement = _fact_text(body, "statement")
         try:
-            prompt, answer = split_statement(statement)
+            fact = statement_fact(statement)
         except FactInputError as exc:
             raise bad(f"cannot split the statement into prompt and answer: {exc}", "statement") from None
     elif "prompt" in body or "answer" in body:
-        prompt, answer = _fact_text(body, "prompt"), _fact_text(body, "answer")
+        fact = NewFact(prompt=_fact_text(body, "prompt"), answer=_fact_text(body, "answer"))
     else:
         raise bad('give {"user", "statement"} or {"user", "prompt", "answer"}')
-    return _queued(_enqueue(state.writer.remember, user, [NewFact(prompt=prompt, answer=answer)]))
+    return _queued(_enqueue(state.writer.remember, user, [fact]))
 
 
 def _auto_remember(state: ServerState, user: str | None, messages: list[dict]) -> dict | None:
     """The chat-memory rule on the user's last turn: the facts it states, queued as one job."""
-    from engram_local.memory.facade import NewFact
     from engram_local.memory.learner import Learner
 
     turn = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
@@ -319,7 +318,7 @@ def _auto_remember(state: ServerState, user: str | None, messages: list[dict]) -
         proposals = Learner(path, None).propose(turn)
     if not proposals:
         return None
-    job = _enqueue(state.writer.remember, user, [NewFact(prompt=p.prompt, answer=p.answer) for p in proposals])
+    job = _enqueue(state.writer.remember, user, [p.fact() for p in proposals])
     return {"id": job.id, "status": "queued", "statements": [p.statement for p in proposals]}
 
 

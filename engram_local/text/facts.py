@@ -87,6 +87,40 @@ _TRAIL_ADVERB_RE = re.compile(rf"(?:,?\s+|\s*[—–]\s*)(?:{_alternation(_TRAIL
 # a trailing correction names the old answer, never the new one: "Porto, not Lisbon"
 _TRAIL_CORRECTION_RE = re.compile(r"(?:,\s*|\s*[—–]\s*|\s+\()(?:not|instead of|rather than|no longer)\s[^,;()]+\)?$")
 _INNER_RE = re.compile(rf"(?<![\w'’-])(?:{_alternation(_INNER_ADVERBS)})(?![\w'’-])")
+# chat noise at the end of a statement that no answer repeats: laughter, emoticons, emoji, and
+# runs of "!" (one final "." "!" or ";" goes anyway); "Anjali lol" -> "Anjali", "green :)" -> "green"
+_TRAIL_NOISE_RE = re.compile(
+    r"(?:\s+(?:lol|lmao|rofl|haha(?:ha)*|hehe(?:he)*|ha ha|xd|tbh|<3)"
+    r"|\s*(?<![\w:])[:;=8][-'^]?[()dDpP3/\\|\[\]oO*]+"
+    r"|\s*[\U0001F000-\U0001FAFF\u2600-\u27BF\u2B00-\u2BFF\uFE0F\u200D]+"
+    r"|\s*[!.]{2,})\s*$", re.IGNORECASE)
+# change words: a statement saying one of these replaces the fact with its prompt even where the
+# prompt is open (below): "I drink tea now" after "I drink coffee"
+_CHANGE_RE = re.compile(r"\b(?:now|nowadays|these days|anymore|any more|instead|no longer|switched|"
+                        r"changed|moved|since then|not anymore)\b", re.IGNORECASE)
+# words that may stand between "I" and the verb of an open statement ("I really love hiking",
+# "I don't eat pork"): they stay in the prompt
+_PRE_VERB = ("really", "also", "always", "usually", "mostly", "often", "still", "just", "totally",
+             "absolutely", "mainly", "basically", "generally", "normally", "sometimes", "actually",
+             "definitely", "honestly", "truly", "typically", "rarely", "never", "only", "especially",
+             "do", "don't", "dont", "do not", "can", "can't", "cant", "cannot", "can not", "kinda",
+             "kind of", "sort of", "pretty much", "absolutely")
+# ... of which only the negations and modals stay in the prompt: "I also love hiking" is the
+# "I love" fact (it adds to "I love jazz"), "I don't eat pork" is not
+_PRE_VERB_KEPT = ("don't", "dont", "do not", "never", "can", "can't", "cant", "cannot", "can not")
+_PRE_VERB_RE = re.compile(rf"(?:{_alternation(_PRE_VERB)})(?![\w'’])", re.IGNORECASE)
+# present-tense verbs of lasting facts that end an open prompt whose subject is not "I" ("My wife
+# loves sushi", "My kids play hockey"); "I" + any word needs no list
+_OPEN_VERBS = ("love", "loves", "like", "likes", "hate", "hates", "enjoy", "enjoys", "adore", "adores",
+               "prefer", "prefers", "play", "plays", "speak", "speaks", "support", "supports", "have",
+               "has", "own", "owns", "drive", "drives", "ride", "rides", "drink", "drinks", "eat",
+               "eats", "collect", "collects", "study", "studies", "teach", "teaches", "practice",
+               "practices", "practise", "practises", "take", "takes", "use", "uses", "need", "needs",
+               "wear", "wears", "cook", "cooks", "grow", "grows", "follow", "follows", "watch",
+               "watches", "read", "reads", "keep", "keeps", "run", "runs", "fly", "flies", "go", "goes",
+               "attend", "attends", "visit", "visits", "make", "makes", "sing", "sings", "write",
+               "writes", "bake", "bakes", "knit", "knits", "fix", "fixes", "build", "builds")
+_NAME_JOIN = ("and", "&", "of", "de", "la", "le", "van", "von", "da", "del", "du", "y", "the")
 
 
 def _drop_fillers(s: str) -> str:
@@ -138,6 +172,57 @@ def _split(s: str) -> tuple[str, str] | None:
     return s[:cut].rstrip(), s[cut:].strip()
 
 
+def _split_open(s: str) -> tuple[str, str] | None:
+    """The split of a sentence with no linking word or colon (an "open" statement: "I love
+    hiking", "I support Arsenal", "My wife loves sushi"), None when it has one or fewer than
+    three words:
+      1. a trailing name or number (capitalised words or digits, joined by "and", "of", ...) is
+         the answer: "I speak French and Spanish" -> ("I speak", "French and Spanish"), "I have
+         two cats, Mochi and Pepper" -> ("I have two cats,", "Mochi and Pepper");
+      2. else after "I" or "I've" (and words such as "really", "don't": only negations and
+         modals stay) the next word is the verb and the rest the answer: "I take my coffee
+         black" -> ("I take", "my coffee black"), "I also love hiking" -> ("I love", "hiking");
+      3. else after the first verb of _OPEN_VERBS: "My son plays ice hockey" -> ("My son plays",
+         "ice hockey");
+      4. else the last word is the answer: "My wife adores sushi" -> ("My wife adores", "sushi")."""
+    words = s.split(" ")
+    if len(words) < 3 or _LINK_RE.search(s) or _ARTICLE_RE.search(s) or re.search(r":\s", s):
+        return None          # a linking word or colon with nothing after it: "My doctor is"
+    # 1. a trailing name or number
+    k = len(words)
+    while k > 1:
+        w = words[k - 1].strip(",")
+        if w[:1].isupper() or w[:1].isdigit():
+            k -= 1
+        elif w.lower() in _NAME_JOIN and k < len(words) and k - 1 > 1 and (
+                words[k - 2].strip(",")[:1].isupper() or words[k - 2][:1].isdigit()):
+            k -= 1
+        else:
+            break
+    if k < len(words) and k >= 2 and not (k == 2 and words[1].strip(",")[:1].isupper()):
+        return " ".join(words[:k]), " ".join(words[k:])
+    # 2. "I" + the verb
+    if words[0].replace("’", "'").lower() in ("i", "i've", "ive"):
+        rest, kept = " ".join(words[1:]), [words[0]]
+        while True:
+            m = _PRE_VERB_RE.match(rest)
+            if not m or not rest[m.end():].strip():
+                break
+            if m.group(0).lower().replace("’", "'") in _PRE_VERB_KEPT:
+                kept.append(m.group(0))
+            rest = rest[m.end():].lstrip()
+        verb, _, answer = rest.partition(" ")
+        if answer.strip():
+            return " ".join(kept + [verb]), answer.strip()
+        return None
+    # 3. the first known verb after the subject
+    for i in range(1, len(words) - 1):
+        if words[i].lower() in _OPEN_VERBS:
+            return " ".join(words[:i + 1]), " ".join(words[i + 1:])
+    # 4. the last word
+    return " ".join(words[:-1]), words[-1]
+
+
 def split_statement(statement: str) -> tuple[str, str]:
     """(prompt, answer) of a plain sentence such as "My doctor is Dr. Krause.".
 
@@ -161,24 +246,45 @@ def split_statement(statement: str) -> tuple[str, str]:
     ("Lord of the Rings") is cut at it: give such facts with --prompt/--answer. When nothing is
     left to split once the fillers are gone, the sentence is split as typed.
     """
+    return read_statement(statement)[:2]
+
+
+def read_statement(statement: str) -> tuple[str, str, bool]:
+    """(prompt, answer, adds) of a statement: its split_statement, and whether its answer adds
+    to a fact with the same prompt instead of replacing it. An open statement (one without a
+    linking word, split by `_split_open`: "I love hiking") adds - "I love jazz" and then "I love
+    hiking" mean both - unless it says a change ("now", "anymore", "instead", "switched", ...):
+    "I drink tea now" replaces "I drink coffee". Every other statement replaces (facts change)."""
     s = " ".join(statement.split())
     if s.endswith("?"):
         raise FactInputError(f"{statement!r} is a question, not a statement of a fact")
-    if s and s[-1] in _TRAILING:
-        s = s[:-1].rstrip()
-    if not s:
+    while True:                  # "Anjali lol!!", "green :)" -> "Anjali", "green"
+        t = _TRAIL_NOISE_RE.sub("", s).rstrip()
+        if t and t[-1] in _TRAILING:
+            t = t[:-1].rstrip()
+        if t == s or not t:
+            break
+        s = t
+    if not s or not re.search(r"\w", s):
         raise FactInputError("empty statement")
-    split = _split(_drop_fillers(s))
+    if s.endswith("?"):
+        raise FactInputError(f"{statement!r} is a question, not a statement of a fact")
+    plain = _drop_fillers(s)
+    split, open_ = _split(plain), False
     if split is not None:
         prompt, answer = split
         split = _drop_inner_adverbs(prompt), _drop_inner_adverbs(answer, at_start_only=True)
     else:
         split = _split(s)
     if split is None:
+        split, open_ = _split_open(plain), True
+        if split is not None:
+            split = _drop_inner_adverbs(split[0]), split[1]
+    if split is None:
         raise FactInputError(
             f"cannot split {statement!r} into a prompt and an answer: no linking word (is, are, was, "
-            f"in, at, named, ...) or colon followed by the answer; give it as --prompt TEXT --answer TEXT")
-    return split
+            f"in, at, named, ...), colon or verb followed by the answer; give it as --prompt TEXT --answer TEXT")
+    return split[0], split[1], open_ and not _CHANGE_RE.search(statement)
 
 
 def prompt_key(prompt: str) -> str:

@@ -292,7 +292,7 @@ def _i_verb(p, low, answer):
     m = re.fullmatch(r"i(?: [a-z]+ly)? ([a-z]+)(?: (.*))?", low)
     if not m:
         return None
-    words = p[2:].split()
+    words = p[2:].rstrip(",;").split()       # "I have two kids," asks "What do I have two kids?"
     core_words = list(words)
     while len(core_words) > 1 and core_words[-1].lower() in _ENDINGS:
         core_words.pop()
