@@ -87,10 +87,10 @@ _TRAIL_ADVERB_RE = re.compile(rf"(?:,?\s+|\s*[—–]\s*)(?:{_alternation(_TRAIL
 # a trailing correction names the old answer, never the new one: "Porto, not Lisbon"
 _TRAIL_CORRECTION_RE = re.compile(r"(?:,\s*|\s*[—–]\s*|\s+\()(?:not|instead of|rather than|no longer)\s[^,;()]+\)?$")
 _INNER_RE = re.compile(rf"(?<![\w'’-])(?:{_alternation(_INNER_ADVERBS)})(?![\w'’-])")
-# chat noise at the end of a statement that no answer repeats: laughter, emoticons, emoji, and
-# runs of "!" (one final "." "!" or ";" goes anyway); "Anjali lol" -> "Anjali", "green :)" -> "green"
+# chat noise at the end of a statement that no answer repeats: laughter, kisses, emoticons, emoji,
+# and runs of "!" or "." (one final "." "!" or ";" goes anyway); "Anjali lol" -> "Anjali"
 _TRAIL_NOISE_RE = re.compile(
-    r"(?:\s+(?:lol|lmao|rofl|haha(?:ha)*|hehe(?:he)*|ha ha|xd|tbh|<3)"
+    r"(?:\s+(?:lol|lmao|rofl|haha(?:ha)*|hehe(?:he)*|ha ha|xd|tbh|<3|xx+)"
     r"|\s*(?<![\w:])[:;=8][-'^]?[()dDpP3/\\|\[\]oO*]+"
     r"|\s*[\U0001F000-\U0001FAFF\u2600-\u27BF\u2B00-\u2BFF\uFE0F\u200D]+"
     r"|\s*[!.]{2,})\s*$", re.IGNORECASE)
@@ -121,6 +121,16 @@ _OPEN_VERBS = ("love", "loves", "like", "likes", "hate", "hates", "enjoy", "enjo
                "attend", "attends", "visit", "visits", "make", "makes", "sing", "sings", "write",
                "writes", "bake", "bakes", "knit", "knits", "fix", "fixes", "build", "builds")
 _NAME_JOIN = ("and", "&", "of", "de", "la", "le", "van", "von", "da", "del", "du", "y", "the")
+
+
+def strip_chat_noise(s: str) -> str:
+    """`s` without trailing chat noise ("green :)" -> "green", "Anjali lol!!" -> "Anjali!"; see
+    _TRAIL_NOISE_RE); used by read_statement and the chat-turn fact rules (text.statements)."""
+    while True:
+        t = _TRAIL_NOISE_RE.sub("", s).rstrip()
+        if t == s:
+            return s
+        s = t
 
 
 def _drop_fillers(s: str) -> str:
@@ -259,7 +269,7 @@ def read_statement(statement: str) -> tuple[str, str, bool]:
     if s.endswith("?"):
         raise FactInputError(f"{statement!r} is a question, not a statement of a fact")
     while True:                  # "Anjali lol!!", "green :)" -> "Anjali", "green"
-        t = _TRAIL_NOISE_RE.sub("", s).rstrip()
+        t = strip_chat_noise(s)
         if t and t[-1] in _TRAILING:
             t = t[:-1].rstrip()
         if t == s or not t:

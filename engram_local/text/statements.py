@@ -40,7 +40,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from engram_local.text.facts import FactInputError, split_statement
+from engram_local.text.facts import FactInputError, split_statement, strip_chat_noise
 
 __all__ = ["extract_facts", "explain", "statement_key", "Clause"]
 
@@ -423,11 +423,9 @@ def _strip_trail(c: str) -> str:
     prev = None
     while prev != c:
         prev = c
-        c = _TRAIL_RE.sub("", c).rstrip(" ,.!;:-")
-        c = re.sub(r"\s*(?:[:;]-?[()DPp]|<3|xx+|!+|\.\.+)\s*$", "", c)
+        c = strip_chat_noise(_TRAIL_RE.sub("", c)).rstrip(" ,.!;:-")
         c = re.sub(r",\s*(?:and\s+)?not\s+(?:in\s+|at\s+|from\s+|an?\s+|the\s+)?[\w\-' ]{1,30}$", "", c,
-                   flags=re.IGNORECASE)
-        c = re.sub(r"[\U0001F300-\U0001FAFF\u2600-\u27BF]+\s*$", "", c).rstrip()
+                   flags=re.IGNORECASE).rstrip()
     return c
 
 
