@@ -271,3 +271,15 @@ def test_repl_auto_remember_keeps_answering_while_the_write_runs(md, tmp_path, m
     assert "(remembered [f1] \"I'm allergic to\" -> 'penicillin'" in r.stderr and "/forget f1 to undo)" in r.stderr
     assert calls["reload_busy"] and not any(calls["reload_busy"])
     assert eov.exists()
+
+
+def test_repl_open_statements_add_to_one_fact(md, tmp_path):
+    """"I love jazz" then "I also love hiking": one fact "I love" -> "jazz, hiking", and the
+    REPL says the second joined the first (forgetting it forgets both)."""
+    eov = tmp_path / "me.eov"
+    r = _chat(md, eov, "I love jazz lol\nI also love hiking.\n/facts\n/exit\n", "--auto-remember")
+    assert r.exit_code == 0, r.stderr
+    assert "(remembered [f1] 'I love' -> 'jazz'" in r.stderr
+    assert "(remembered [f2] 'I love' -> 'hiking', added to f1's answer" in r.stderr
+    assert "/forget f2 forgets both)" in r.stderr
+    assert "\n  [f2] I love jazz, hiking" in r.stderr and "\n  [f1]" not in r.stderr      # the /facts list
