@@ -370,6 +370,16 @@ def test_chat_remember_queues_the_stated_fact(live, client):
     assert r.model_extra.get("memory_job") is None
 
 
+def test_open_statements_over_http_join_one_fact(live):
+    """POST /v1/memories with "I love jazz" then "I love hiking lol": one fact, both answers."""
+    base, _ = live
+    for statement in ("I love jazz.", "I love hiking lol"):
+        st, job = call(base, "POST", "/v1/memories", {"user": "open", "statement": statement})
+        assert st == 202 and wait_job(base, job["id"])["status"] == "done"
+    facts = call(base, "GET", "/v1/memories?user=open")[1]["facts"]
+    assert [(f["prompt"], f["answer"]) for f in facts] == [("I love", "jazz, hiking")]
+
+
 def test_memory_routes_over_postgres(md, tmp_path, request):
     """--memory-store postgresql://...: the same routes, the user's memory a versioned row."""
     pg = request.getfixturevalue("pg")
