@@ -115,6 +115,7 @@ def test_unsplittable_statements(statement, why):
     ("my favorite color is green :)", "my favorite color is", "green", False),
     ("I'm a huge fan of the Cubs haha", "I'm a huge fan of the", "Cubs", False),
     ("I live at 8D Baker St", "I live at", "8D Baker St", False),
+    ("My locker is 8D", "My locker is", "8D", False),                 # no emoticon "8D"
 ])
 def test_read_statement(statement, prompt, answer, adds):
     assert read_statement(statement) == (prompt, answer, adds)

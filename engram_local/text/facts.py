@@ -91,7 +91,7 @@ _INNER_RE = re.compile(rf"(?<![\w'’-])(?:{_alternation(_INNER_ADVERBS)})(?![\w
 # and runs of "!" or "." (one final "." "!" or ";" goes anyway); "Anjali lol" -> "Anjali"
 _TRAIL_NOISE_RE = re.compile(
     r"(?:\s+(?:lol|lmao|rofl|haha(?:ha)*|hehe(?:he)*|ha ha|xd|tbh|<3|xx+)"
-    r"|\s*(?<![\w:])[:;=8][-'^]?[()dDpP3/\\|\[\]oO*]+"
+    r"|\s*(?<![\w:])[:;=][-'^]?[()dDpP3/\\|\[\]oO*]+"
     r"|\s*[\U0001F000-\U0001FAFF\u2600-\u27BF\u2B00-\u2BFF\uFE0F\u200D]+"
     r"|\s*[!.]{2,})\s*$", re.IGNORECASE)
 # change words: a statement saying one of these replaces the fact with its prompt even where the
@@ -99,12 +99,12 @@ _TRAIL_NOISE_RE = re.compile(
 _CHANGE_RE = re.compile(r"\b(?:now|nowadays|these days|anymore|any more|instead|no longer|switched|"
                         r"changed|moved|since then|not anymore)\b", re.IGNORECASE)
 # words that may stand between "I" and the verb of an open statement ("I really love hiking",
-# "I don't eat pork"): they stay in the prompt
+# "I don't eat pork")
 _PRE_VERB = ("really", "also", "always", "usually", "mostly", "often", "still", "just", "totally",
              "absolutely", "mainly", "basically", "generally", "normally", "sometimes", "actually",
              "definitely", "honestly", "truly", "typically", "rarely", "never", "only", "especially",
              "do", "don't", "dont", "do not", "can", "can't", "cant", "cannot", "can not", "kinda",
-             "kind of", "sort of", "pretty much", "absolutely")
+             "kind of", "sort of", "pretty much")
 # ... of which only the negations and modals stay in the prompt: "I also love hiking" is the
 # "I love" fact (it adds to "I love jazz"), "I don't eat pork" is not
 _PRE_VERB_KEPT = ("don't", "dont", "do not", "never", "can", "can't", "cant", "cannot", "can not")
