@@ -123,6 +123,21 @@ _OPEN_VERBS = ("love", "loves", "like", "likes", "hate", "hates", "enjoy", "enjo
 _NAME_JOIN = ("and", "&", "of", "de", "la", "le", "van", "von", "da", "del", "du", "y", "the")
 
 
+def fix_first_person_case(s: str) -> str:
+    """The pronoun "i" ("i", "i'm", "i've", "i'd", "i'll", "im", "ive") in upper case, and a
+    first word of lower-case letters capitalised ("my" -> "My"; "eBay", "w30" stay): "i live in
+    lyon" -> "I live in lyon", "im a nurse" -> "I'm a nurse". A
+    statement's prompt gets it (the model says "I live in", so replies open with the prompt's own
+    words), and so does a chat turn's clause (text.statements)."""
+    s = re.sub(r"\bi\b(?!')", "I", s)
+    s = re.sub(r"\bi'(m|ve|d|ll)\b", lambda m: "I'" + m.group(1), s, flags=re.IGNORECASE)
+    s = re.sub(r"\b[Ii]m\b", "I'm", s)
+    s = re.sub(r"\b[Ii]ve\b", "I've", s)
+    if re.match(r"[a-z]+(?:'[a-z]+)?(?![\w'])", s):
+        s = s[0].upper() + s[1:]
+    return s
+
+
 def strip_chat_noise(s: str) -> str:
     """`s` without trailing chat noise ("green :)" -> "green", "Anjali lol!!" -> "Anjali!"; see
     _TRAIL_NOISE_RE); used by read_statement and the chat-turn fact rules (text.statements)."""
@@ -248,8 +263,9 @@ def split_statement(statement: str) -> tuple[str, str]:
     is no such colon); otherwise the answer is what follows the LAST linking word - a copula
     (is, are, was, were, am, 'm, 're), a preposition (in, at, on, by, to, from, for, with, of,
     as, into, near), "named"/"called", or a lower-case article (a, an, the). The prompt is
-    everything up to and including that word. Case is kept as typed. Examples: "My doctor is
-    Dr. Krause." -> ("My doctor is", "Dr. Krause"); "I live in Portland" -> ("I live in",
+    everything up to and including that word. Case is kept as typed, except that the prompt gets
+    the pronoun "i" and a lower-case first word capitalised (fix_first_person_case). Examples:
+    "My doctor is Dr. Krause." -> ("My doctor is", "Dr. Krause"); "I live in Portland" -> ("I live in",
     "Portland"); "My usual coffee order is a cortado." -> ("My usual coffee order is a",
     "cortado"); "I have a cat named Figaro" -> ("I have a cat named", "Figaro"); "Btw, I drive
     a Toyota now." -> ("I drive a", "Toyota"). An answer that itself contains a linking word
@@ -294,7 +310,7 @@ def read_statement(statement: str) -> tuple[str, str, bool]:
         raise FactInputError(
             f"cannot split {statement!r} into a prompt and an answer: no linking word (is, are, was, "
             f"in, at, named, ...), colon or verb followed by the answer; give it as --prompt TEXT --answer TEXT")
-    return split[0], split[1], open_ and not _CHANGE_RE.search(statement)
+    return fix_first_person_case(split[0]), split[1], open_ and not _CHANGE_RE.search(statement)
 
 
 def prompt_key(prompt: str) -> str:

@@ -40,7 +40,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from engram_local.text.facts import FactInputError, split_statement, strip_chat_noise
+from engram_local.text.facts import FactInputError, fix_first_person_case, split_statement, strip_chat_noise
 
 __all__ = ["extract_facts", "explain", "statement_key", "Clause"]
 
@@ -319,17 +319,10 @@ def _normalise(text: str) -> str:
 
 def _fix_words(s: str) -> str:
     """i -> I, im -> I'm, ive -> I've, "my name's Sam" -> "my name is Sam"; first letter upper."""
-    s = re.sub(r"\bi\b(?!')", "I", s)
-    s = re.sub(r"\bi'(m|ve|d|ll)\b", lambda m: "I'" + m.group(1), s, flags=re.IGNORECASE)
-    s = re.sub(r"\bim\b", "I'm", s)
-    s = re.sub(r"\bIm\b", "I'm", s)
-    s = re.sub(r"\bive\b", "I've", s)
-    s = re.sub(r"\bIve\b", "I've", s)
+    s = fix_first_person_case(s)
     s = re.sub(r"\bI am\b", "I am", s, flags=re.IGNORECASE)
     s = re.sub(r"\b([Mm]y name)'s\b", r"\1 is", s)
     s = re.sub(r"\b([Mm]y(?: [\w\-]+){1,3}?)'s (?=(?:called|named|a|an|from|in|at|on)\b|[A-Z0-9])", r"\1 is ", s)
-    if s[:1].islower():
-        s = s[0].upper() + s[1:]
     return s
 
 
