@@ -31,7 +31,7 @@ A turn is split into sentences, and sentences into clauses at ", and I", " but m
 the like, so "My name is Sam and I'm a nurse, what should I cook tonight?" gives "My name is
 Sam" and "I'm a nurse". Light normalisation: "i" -> "I", "im" -> "I'm", "ive" -> "I've",
 "my name's Sam" -> "my name is Sam", curly quotes straightened, fillers and trailing "lol",
-"now", "btw" dropped, the first letter capitalised; the words are otherwise the user's own.
+"now", "btw" dropped, a lower-case first word capitalised; the words are otherwise the user's own.
 `explain(turn)` gives the verdict and reason of every clause (for the benchmark and debugging).
 """
 
