@@ -50,6 +50,14 @@ def test_remember_facts_forget(cli, tmp_path):
     assert res.stdout.split() == ["f3"]
 
 
+def test_a_statement_of_two_facts_writes_two(cli, tmp_path):
+    path = tmp_path / "me.eov"
+    res = cli("remember", "-q", "-o", path, "my name is krause and my doctor is dr")
+    assert res.stdout.split() == ["f1", "f2"]
+    listed = json.loads(cli("facts", path, "--json").stdout)["facts"]
+    assert [(f["prompt"], f["answer"]) for f in listed] == [("My name is", "krause"), ("My doctor is", "dr")]
+
+
 def test_errors(cli, tmp_path):
     path = tmp_path / "me.eov"
     res = cli("remember", "-o", path, "hello world", ok=False)

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from engram_local.memory.facade import (FactInputError, jsonl_facts, prompt_from_sentence, read_statement,
-                                       split_statement, user_json_facts)
+                                       split_statement, statement_facts, user_json_facts)
 
 USERS = Path(__file__).resolve().parents[2] / "shared" / "data" / "user-as-engram" / "users"
 
@@ -32,14 +32,14 @@ def test_split_statement(statement, prompt, answer):
     ("I drive a Toyota now", "I drive a", "Toyota"),
     ("Btw, I drive a Toyota now.", "I drive a", "Toyota"),
     ("by the way I live in Berlin", "I live in", "Berlin"),
-    ("Just so you know, my doctor is Dr. Chen.", "My doctor is", "Dr. Chen"),       # first letter upper
+    ("Just so you know, my doctor is Dr. Chen.", "my doctor is", "Dr. Chen"),       # case as typed
     ("For the record: I'm a nurse now.", "I'm a", "nurse"),
     ("FYI I am in Berlin at the moment", "I am in", "Berlin"),
     ("Oh and I'm vegetarian these days", "I'm", "vegetarian"),
-    ("PS: my cat is named Figaro", "My cat is named", "Figaro"),
-    ("P.S. my cat is named Figaro", "My cat is named", "Figaro"),
+    ("PS: my cat is named Figaro", "my cat is named", "Figaro"),
+    ("P.S. my cat is named Figaro", "my cat is named", "Figaro"),
     ("Fun fact: I was born in 1990.", "I was born in", "1990"),
-    ("Reminder: my dentist is Dr. Ro", "My dentist is", "Dr. Ro"),
+    ("Reminder: my dentist is Dr. Ro", "my dentist is", "Dr. Ro"),
     ("Heads up, I moved to Denver", "I moved to", "Denver"),
     ("Also I live in Berlin", "I live in", "Berlin"),
     ("Actually, I drive a Toyota nowadays, btw", "I drive a", "Toyota"),
@@ -48,10 +48,10 @@ def test_split_statement(statement, prompt, answer):
     ("I'm currently a nurse", "I'm a", "nurse"),
     ("My doctor is now Dr. Chen", "My doctor is", "Dr. Chen"),
     ("I don't drive a Subaru anymore", "I don't drive a", "Subaru"),
-    ("From now on my name is Max", "My name is", "Max"),
+    ("From now on my name is Max", "my name is", "Max"),
     ("Actually I live in Porto now, not Lisbon", "I live in", "Porto"),
     ("I drive a Toyota (not a Subaru)", "I drive a", "Toyota"),
-    ("please remember that my locker code is 4471", "My locker code is", "4471"),
+    ("please remember that my locker code is 4471", "my locker code is", "4471"),
     ("Update: I work at Stripe now", "I work at", "Stripe"),
     # not fillers: a word that starts a name, a capitalised last word, an answer that is all "now"
     ("Well water is what I drink in Ohio", "Well water is what I drink in", "Ohio"),
@@ -94,7 +94,7 @@ def test_unsplittable_statements(statement, why):
     ("I love hiking.", "I love", "hiking", True),
     ("I support Manchester United", "I support", "Manchester United", True),
     ("I speak French and Spanish", "I speak", "French and Spanish", True),
-    ("i have two cats, Mochi and Pepper", "I have two cats,", "Mochi and Pepper", True),
+    ("i have two cats, Mochi and Pepper", "i have two cats,", "Mochi and Pepper", True),
     ("My birthday's March 3rd", "My birthday's", "March 3rd", True),
     ("My favourite band has always been Radiohead", "My favourite band has always been", "Radiohead", True),
     ("I take my coffee black", "I take", "my coffee black", True),
@@ -110,20 +110,45 @@ def test_unsplittable_statements(statement, why):
     ("I drink tea now", "I drink", "tea", False),
     ("I switched to tea instead", "I switched to", "tea instead", False),
     # chat noise at the end is no part of the answer; linking-word statements replace as before
-    ("my sister's called Anjali lol", "My sister's called", "Anjali", False),
+    ("my sister's called Anjali lol", "my sister's called", "Anjali", False),
     ("I'm allergic to penicillin!!", "I'm allergic to", "penicillin", False),
-    ("my favorite color is green :)", "My favorite color is", "green", False),
+    ("my favorite color is green :)", "my favorite color is", "green", False),
     ("I'm a huge fan of the Cubs haha", "I'm a huge fan of the", "Cubs", False),
     ("I live at 8D Baker St", "I live at", "8D Baker St", False),
     ("My locker is 8D", "My locker is", "8D", False),                 # no emoticon "8D"
-    # the pronoun "i" and the first letter upper in the prompt; the answer as typed
-    ("i live in lyon", "I live in", "lyon", False),
-    ("im allergic to nuts", "I'm allergic to", "nuts", False),
-    ("ive got a cat named tom", "I've got a cat named", "tom", False),
 ])
 def test_read_statement(statement, prompt, answer, adds):
     assert read_statement(statement) == (prompt, answer, adds)
     assert split_statement(statement) == (prompt, answer)
+
+
+@pytest.mark.parametrize("statement, facts", [
+    ("My name is Sam and I'm a nurse.", [("My name is", "Sam"), ("I'm a", "nurse")]),
+    ("My cat is called Figaro. My dog is called Rex.", [("My cat is called", "Figaro"), ("My dog is called", "Rex")]),
+    ("btw I love jazz and I support Celtic lol", [("I love", "jazz"), ("I support", "Celtic")]),
+    # one fact: no new subject after "and", or a clause that is no fact on its own
+    ("I work at Marks and Spencer", [("I work at", "Marks and Spencer")]),
+    ("My wife and I live in Oslo", [("My wife and I live in", "Oslo")]),
+    ("I'm allergic to penicillin, so no antibiotics like that",
+     [("I'm allergic to", "penicillin, so no antibiotics like that")]),
+])
+def test_a_statement_of_several_facts_writes_each(statement, facts):
+    assert [(f.prompt, f.answer) for f in statement_facts(statement)] == facts
+
+
+@pytest.mark.parametrize("statement, prompt, typed", [
+    # the written prompt gets the pronoun "i" and a lower-case first word capitalised; the prompt
+    # as typed stays a trigger (a paraphrase); the answer stays as typed
+    ("i live in lyon", "I live in", "i live in"),
+    ("im allergic to nuts", "I'm allergic to", "im allergic to"),
+    ("ive got a cat named tom", "I've got a cat named", "ive got a cat named"),
+    ("my sister's called Anjali lol", "My sister's called", "my sister's called"),
+    ("I live in Lyon", "I live in", None),
+    ("eBay is my employer", "eBay is", None),
+])
+def test_a_statement_fact_capitalises_its_prompt(statement, prompt, typed):
+    (f,) = statement_facts(statement)
+    assert f.prompt == prompt and f.paraphrases == ([typed] if typed else [])
 
 
 def test_prompt_from_sentence_is_the_papers_rule():

@@ -86,7 +86,8 @@ def remember(model, out_file, statements, prompts, answers, jsonl, user_json, pa
     again writes nothing and prints the existing id. A statement without a linking word ("I love
     hiking", "I speak French and Spanish") is split after its verb or before a trailing name, and
     adds to a fact with the same prompt ("I love" -> "jazz, hiking") unless it says a change
-    ("I drink tea now"). A fact's prompt, answer and each
+    ("I drink tea now"). A statement of several facts is written as several ("My name is Sam and
+    I'm a nurse." prints two ids). A fact's prompt, answer and each
     paraphrase are at most 400 characters. With ENGRAM_LOCAL_KEY or ENGRAM_LOCAL_KEY_FILE set,
     the file is written encrypted (docs/security.md).
     """
@@ -97,7 +98,7 @@ def remember(model, out_file, statements, prompts, answers, jsonl, user_json, pa
                                "give them in pairs")
     facts = []
     try:
-        facts += [memory.statement_fact(s) for s in statements]
+        facts += [f for s in statements for f in memory.statement_facts(s)]
         facts += [memory.NewFact(prompt=p, answer=a) for p, a in zip(prompts, answers)]
         if jsonl:
             facts += memory.jsonl_facts(jsonl)

@@ -570,15 +570,17 @@ class _Memory:
     def remember(self, statement: str) -> None:
         if not self._ready():
             return
-        from engram_local.text.facts import FactInputError, split_statement
+        from engram_local.memory.facade import statement_facts
+        from engram_local.text.facts import FactInputError
 
         try:
-            prompt, answer = split_statement(statement)
+            facts = statement_facts(statement)
         except FactInputError as exc:
             _err(f"could not remember that: {exc}")
             return
-        if self._submit([statement]):
-            _err(f"(remembering {prompt!r} -> {answer!r} in the background)")
+        if self._submit(facts):
+            said = ", ".join(f"{f.prompt!r} -> {f.answer!r}" for f in facts)
+            _err(f"(remembering {said} in the background)")
 
     def facts(self) -> None:
         if not self._ready():

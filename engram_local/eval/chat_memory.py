@@ -62,7 +62,7 @@ class Persona:
     path: Path
     description: str
     statements: list[str]
-    facts: list                    # memory.NewFact of each statement, as `remember` reads it
+    facts: list                    # memory.NewFacts of the statements, as `remember` reads them
     questions: list[Question] = field(default_factory=list)
 
 
@@ -101,7 +101,7 @@ def load_persona(path: str | os.PathLike) -> Persona:
         facts = []
         for s in statements:
             try:
-                facts.append(memory.statement_fact(s))
+                facts += memory.statement_facts(s)
             except memory.FactInputError as e:
                 raise ChatMemoryError(f"statement {s!r}: {e}") from None
         questions: list[Question] = []

@@ -28,7 +28,8 @@ import numpy as np
 from engram_local import constants
 from engram_local.formats.eov import open_overrides  # noqa: F401 (re-exported: engram_local.memory.open_overrides)
 from engram_local.text.facts import (FactInputError, _answer_text, chat_contexts,  # noqa: F401 (re-exported)
-                                     prompt_from_sentence, read_statement, split_statement)
+                                     fix_first_person_case, prompt_from_sentence, read_statement,
+                                     split_statement)
 from engram_local.text.user_files import UserFile, read_user_file
 
 # --------------------------------------------------------------------------- facts
@@ -48,9 +49,30 @@ class NewFact:
 
 def statement_fact(statement: str) -> NewFact:
     """The fact a typed statement states (text.facts.read_statement); FactInputError when it
-    cannot be split."""
-    prompt, answer, adds = read_statement(statement)
-    return NewFact(prompt=prompt, answer=answer, adds=adds)
+    cannot be split. The prompt gets the pronoun "i" and a lower-case first word capitalised
+    (text.facts.fix_first_person_case: a chat reply opens with the model's own "I live in"); the
+    prompt as typed ("i live in") stays a trigger of the fact, a paraphrase."""
+    typed, answer, adds = read_statement(statement)
+    prompt = fix_first_person_case(typed)
+    return NewFact(prompt=prompt, answer=answer, adds=adds, paraphrases=[typed] if typed != prompt else [])
+
+
+def statement_facts(statement: str) -> list[NewFact]:
+    """The facts a typed statement states: one per clause when it has several and each reads as a
+    fact with a contentful answer ("My name is Sam and I'm a nurse." -> "My name is" -> "Sam",
+    "I'm a" -> "nurse"; text.statements.statement_clauses), else the statement as one fact
+    (statement_fact). FactInputError when it cannot be split."""
+    from engram_local.text.statements import answer_fault, statement_clauses
+
+    parts = statement_clauses(statement)
+    if len(parts) > 1:
+        try:
+            facts = [statement_fact(p) for p in parts]
+        except FactInputError:
+            facts = []
+        if facts and all(answer_fault(f.answer) is None for f in facts):
+            return facts
+    return [statement_fact(statement)]
 
 
 def user_json_facts(path: str | os.PathLike | UserFile, paraphrases: bool = False) -> list[NewFact]:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from engram_local.text.facts import FactInputError, read_statement
+from engram_local.text.facts import FactInputError
 from engram_local.text.statements import extract_facts
 
 __all__ = ["Learner", "Proposal", "Job"]
@@ -48,10 +48,10 @@ class Proposal:
     adds: bool = False        # its answer joins the stored fact's (facade.NewFact.adds)
 
     def fact(self):
-        """The facade.NewFact to write."""
-        from engram_local.memory.facade import NewFact
+        """The facade.NewFact to write (facade.statement_fact of the statement)."""
+        from engram_local.memory.facade import statement_fact
 
-        return NewFact(prompt=self.prompt, answer=self.answer, adds=self.adds)
+        return statement_fact(self.statement)
 
 
 @dataclass
@@ -142,6 +142,8 @@ class Learner:
 
     def propose(self, turn: str) -> list[Proposal]:
         """The facts about the user in `turn` not yet stored or queued (possibly none)."""
+        from engram_local.memory.facade import statement_fact
+
         statements = extract_facts(turn)
         if not statements:
             return []
@@ -154,9 +156,10 @@ class Learner:
         out, seen = [], set()
         for s in statements:
             try:
-                prompt, answer, adds = read_statement(s)
+                fact = statement_fact(s)
             except FactInputError:
                 continue
+            prompt, answer, adds = fact.prompt, fact.answer, fact.adds
             k = (_prompt_key(prompt), _key(answer))
             if k in known or k in queued or k in seen:
                 continue
@@ -182,7 +185,7 @@ class Learner:
         """Queue a write of `statements` (str statements, Proposals or facade.NewFact) and return
         its Job at once. A statement that cannot be split raises FactInputError here, before
         anything is queued."""
-        from engram_local.memory.facade import NewFact, statement_fact
+        from engram_local.memory.facade import NewFact, statement_facts
 
         facts = []
         for s in statements:
@@ -191,7 +194,7 @@ class Learner:
             elif isinstance(s, Proposal):
                 facts.append(s.fact())
             else:
-                facts.append(statement_fact(str(s)))
+                facts += statement_facts(str(s))
         if not facts:
             raise FactInputError("no facts given")
         return self._enqueue(Job("remember", facts=facts, on_done=on_done))

@@ -288,7 +288,7 @@ def _enqueue(fn, *args):
 
 
 async def add_memory(request: Request):
-    from engram_local.memory.facade import NewFact, statement_fact
+    from engram_local.memory.facade import NewFact, statement_facts
     from engram_local.text.facts import FactInputError
 
     state = _state(request)
@@ -297,14 +297,14 @@ async def add_memory(request: Request):
     if "statement" in body:
         statement = _fact_text(body, "statement")
         try:
-            fact = statement_fact(statement)
+            facts = statement_facts(statement)
         except FactInputError as exc:
             raise bad(f"cannot split the statement into prompt and answer: {exc}", "statement") from None
     elif "prompt" in body or "answer" in body:
-        fact = NewFact(prompt=_fact_text(body, "prompt"), answer=_fact_text(body, "answer"))
+        facts = [NewFact(prompt=_fact_text(body, "prompt"), answer=_fact_text(body, "answer"))]
     else:
         raise bad('give {"user", "statement"} or {"user", "prompt", "answer"}')
-    return _queued(_enqueue(state.writer.remember, user, [fact]))
+    return _queued(_enqueue(state.writer.remember, user, facts))
 
 
 def _auto_remember(state: ServerState, user: str | None, messages: list[dict]) -> dict | None:

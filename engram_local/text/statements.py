@@ -706,6 +706,27 @@ def _judge(c: str, mark: str, explicit: bool, last: bool, now: bool = False) -> 
 _FRAMES = {"hypothetical or conditional", "a quotation", "reported speech", "hedged"}
 
 
+def answer_fault(answer: str) -> str | None:
+    """Why an answer is no fact's content ("it", "the blue one", nine words or more), or None."""
+    aw = [w.lower() for w in _words(answer)]
+    if not aw:
+        return "no answer"
+    if len(aw) > 8:
+        return "answer too long"
+    if aw[0] in _DEICTIC_ANSWER and len(aw) == 1:
+        return "the answer is no content"
+    if aw[-1] in {"one", "ones"} or aw[0] in {"it", "this", "that", "you", "them", "him", "her", "me"}:
+        return "the answer is no content"
+    return None
+
+
+def statement_clauses(statement: str) -> list[str]:
+    """The clauses of a typed statement, split as a chat turn's are (sentences, then ", and I",
+    " but my", ...; no judging): "My name is Sam and I'm a nurse." -> ["My name is Sam", "I'm a
+    nurse"]; "I work at Marks and Spencer" stays whole."""
+    return [c for sentence, _ in _sentences(_normalise(statement)) for c in _clauses(sentence)]
+
+
 def _checked_statement(c: str) -> tuple[str | None, str]:
     """The statement for a clause judged a fact, if split_statement accepts it with a good answer."""
     s = c.strip().rstrip(".!;").strip()
@@ -713,15 +734,9 @@ def _checked_statement(c: str) -> tuple[str | None, str]:
         prompt, answer = split_statement(s)
     except FactInputError:
         return None, "no linking word: split_statement cannot split it"
-    aw = [w.lower() for w in _words(answer)]
-    if not aw:
-        return None, "no answer"
-    if len(aw) > 8:
-        return None, "answer too long"
-    if aw[0] in _DEICTIC_ANSWER and len(aw) == 1:
-        return None, "the answer is no content"
-    if aw[-1] in {"one", "ones"} or aw[0] in {"it", "this", "that", "you", "them", "him", "her", "me"}:
-        return None, "the answer is no content"
+    fault = answer_fault(answer)
+    if fault is not None:
+        return None, fault
     return s, "a fact about the user"
 
 
