@@ -115,7 +115,8 @@ def test_end_to_end_tiny(tmp_path_factory, tmp_path):
     from tests.runtime_fixtures import shared_model_dir
 
     md = shared_model_dir(tmp_path_factory, "model", adapter=True)
-    persona = write(tmp_path / "p00.json", PERSONA)
+    # typed in lower case: written as "My doctor is", with "my doctor is" a trigger too (as `remember`)
+    persona = write(tmp_path / "p00.json", dict(PERSONA, statements=["my doctor is Dr. Krause."] + PERSONA["statements"][1:]))
     out_json, out_md, work = tmp_path / "r.json", tmp_path / "r.md", tmp_path / "work"
     res = CliRunner().invoke(main, ["eval", "chat-memory", "--personas", str(persona), "-m", str(md),
                                     "--conditions", "memory,prompt", "--json", str(out_json),
@@ -135,6 +136,10 @@ def test_end_to_end_tiny(tmp_path_factory, tmp_path):
     assert len(p["answers"]["memory"]) == 7 and set(p["answers"]["memory"][0]) == \
         {"kind", "question", "expect", "reply", "hit"}
     assert Path(p["remember"]["memory"]["eov"]).is_file()       # kept in --work-dir
+    from engram_local.formats.eov import read_memory_file
+
+    doctor = read_memory_file(p["remember"]["memory"]["eov"]).facts[0]
+    assert (doctor.prompt, doctor.paraphrases) == ("My doctor is", ["my doctor is"])
     text = out_md.read_text()
     assert "| memory |" in text and "| p00 | prompt |" in text and r["command"] in text
 

@@ -25,7 +25,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -220,13 +220,14 @@ class ChatMemoryEval:
         if eov.exists():
             try:
                 mf = read_memory_file(eov, memory.fingerprint_of(self.model))
-                if [(f.prompt, f.answer) for f in mf.facts] == [(f.prompt, f.answer) for f in persona.facts]:
+                if [(f.prompt, f.answer, list(f.paraphrases)) for f in mf.facts] == \
+                        [(f.prompt, f.answer, list(f.paraphrases)) for f in persona.facts]:
                     return eov, {"eov": str(eov), "bytes": eov.stat().st_size, "seconds": 0.0, "reused": True}
             except (ValueError, OSError):
                 pass
             eov.unlink()
         em, tok, fp = self._torch_model(skill)
-        facts = [memory.NewFact(f.prompt, f.answer, adds=f.adds) for f in persona.facts]
+        facts = [replace(f, paraphrases=list(f.paraphrases)) for f in persona.facts]   # remember sets ids
         try:
             rep = memory.remember(eov, facts, em, tok, fp)
         except memory.FactInputError as e:
