@@ -510,7 +510,7 @@ class _Memory:
             if f.id in job.new_ids:
                 old = job.replaced.get(f.id)
                 ok = job.recalled.get(f.id)
-                joined = bool(old) and getattr(f, "adds", False)    # "I love" -> "jazz, hiking"
+                joined = bool(old) and f.adds    # "I love" -> "jazz, hiking"
                 _err(f"(remembered [{f.id}] {f.prompt!r} -> {f.answer!r}"
                      + (f", added to {old}'s answer" if joined else f", replacing {old}" if old else "")
                      + ("; not yet recalled exactly" if ok is False else "")

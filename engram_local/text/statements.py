@@ -318,7 +318,8 @@ def _normalise(text: str) -> str:
 
 
 def _fix_words(s: str) -> str:
-    """i -> I, im -> I'm, ive -> I've, "my name's Sam" -> "my name is Sam"; first letter upper."""
+    """i -> I, im -> I'm, ive -> I've, a lower-case first word capitalised (fix_first_person_case);
+    "my name's Sam" -> "my name is Sam"."""
     s = fix_first_person_case(s)
     s = re.sub(r"\bI am\b", "I am", s, flags=re.IGNORECASE)
     s = re.sub(r"\b([Mm]y name)'s\b", r"\1 is", s)
