@@ -152,7 +152,7 @@ def test_learner_writes_in_the_background(tiny, tmp_path):
     gate.set()
     assert learner.wait(300)
     assert done == [job] and job.ok and job.new_ids == ["f1"] and job.error is None
-    assert [(f.id, f.prompt, f.answer) for f in job.written()] == [("f1", "My name is", "krause")]
+    assert [(f.id, f.prompt, f.answer) for f in job.written()] == [("f1", "my name is", "krause")]
     assert forget.ok and read_memory_file(path).facts == []
     with pytest.raises(FactInputError):
         learner.submit(["hello world"])          # no linking word: refused before it is queued
@@ -194,7 +194,7 @@ def test_learner_writes_the_good_facts_of_a_job_when_one_is_refused(tmp_path, mo
     job = learner.submit(["my name is krause", "my car is bad", "I live in Leeds"])
     assert job.wait(30)
     assert job.new_ids == ["f1", "f2"] and job.error is None
-    assert [s for s, _ in job.errors] == ["My car is bad"]         # the fact as written
+    assert [s for s, _ in job.errors] == ["my car is bad"]
     bad = learner.submit(["my car is bad"])
     assert bad.wait(30) and isinstance(bad.error, FactInputError) and not bad.ok
     learner.close()

@@ -110,13 +110,18 @@ def test_tally_and_prompt():
 
 # --------------------------------------------------------------------------- end to end
 
-def test_end_to_end_tiny(tmp_path_factory, tmp_path):
+def test_end_to_end_tiny(tmp_path_factory, tmp_path, monkeypatch):
     pytest.importorskip("llama_cpp")
+    from engram_local.memory import facade as memory
     from tests.runtime_fixtures import shared_model_dir
 
+    real_statement_facts = memory.statement_facts
+
     md = shared_model_dir(tmp_path_factory, "model", adapter=True)
-    # typed in lower case: written as "My doctor is", with "my doctor is" a trigger too (as `remember`)
-    persona = write(tmp_path / "p00.json", dict(PERSONA, statements=["my doctor is Dr. Krause."] + PERSONA["statements"][1:]))
+    # a paraphrase of a fact reaches the file as `remember` writes it
+    persona = write(tmp_path / "p00.json", PERSONA)
+    monkeypatch.setattr(memory, "statement_facts", lambda s: [
+        memory.NewFact(f.prompt, f.answer, paraphrases=[f.prompt.lower()]) for f in real_statement_facts(s)])
     out_json, out_md, work = tmp_path / "r.json", tmp_path / "r.md", tmp_path / "work"
     res = CliRunner().invoke(main, ["eval", "chat-memory", "--personas", str(persona), "-m", str(md),
                                     "--conditions", "memory,prompt", "--json", str(out_json),

@@ -40,7 +40,7 @@ def test_remember_facts_forget(cli, tmp_path):
     assert res.stdout.split() == ["f1", "f2", "w"]
     listed = json.loads(cli("facts", path, "--json").stdout)
     assert [(f["id"], f["prompt"], f["answer"]) for f in listed["facts"]] == [
-        ("f1", "My name is", "krause"), ("f2", "the doctor is", "dr krause"), ("w", "w30 w31 w32", "w40 w41")]
+        ("f1", "my name is", "krause"), ("f2", "the doctor is", "dr krause"), ("w", "w30 w31 w32", "w40 w41")]
     assert all(f["rows"] >= 1 for f in listed["facts"])
     text = cli("facts", path).stdout
     assert "f2\t'the doctor is' -> 'dr krause'" in text
@@ -55,7 +55,7 @@ def test_a_statement_of_two_facts_writes_two(cli, tmp_path):
     res = cli("remember", "-q", "-o", path, "my name is krause and my doctor is dr")
     assert res.stdout.split() == ["f1", "f2"]
     listed = json.loads(cli("facts", path, "--json").stdout)["facts"]
-    assert [(f["prompt"], f["answer"]) for f in listed] == [("My name is", "krause"), ("My doctor is", "dr")]
+    assert [(f["prompt"], f["answer"]) for f in listed] == [("my name is", "krause"), ("my doctor is", "dr")]
 
 
 def test_errors(cli, tmp_path):

@@ -28,8 +28,7 @@ import numpy as np
 from engram_local import constants
 from engram_local.formats.eov import open_overrides  # noqa: F401 (re-exported: engram_local.memory.open_overrides)
 from engram_local.text.facts import (FactInputError, _answer_text, chat_contexts,  # noqa: F401 (re-exported)
-                                     fix_first_person_case, prompt_from_sentence, read_statement,
-                                     split_statement)
+                                     prompt_from_sentence, read_statement, split_statement)
 from engram_local.text.user_files import UserFile, read_user_file
 
 # --------------------------------------------------------------------------- facts
@@ -48,13 +47,11 @@ class NewFact:
 
 
 def statement_fact(statement: str) -> NewFact:
-    """The fact a typed statement states (text.facts.read_statement); FactInputError when it
-    cannot be split. The prompt gets the pronoun "i" and a lower-case first word capitalised
-    (text.facts.fix_first_person_case: a chat reply opens with the model's own "I live in"); the
-    prompt as typed ("i live in") stays a trigger of the fact, a paraphrase."""
-    typed, answer, adds = read_statement(statement)
-    prompt = fix_first_person_case(typed)
-    return NewFact(prompt=prompt, answer=answer, adds=adds, paraphrases=[typed] if typed != prompt else [])
+    """The fact a typed statement states (text.facts.read_statement), its words as typed;
+    FactInputError when it cannot be split. (Writing "i live in" as "I live in", with or without
+    the typed prompt as a paraphrase, measured no better in chat: docs/chat-memory.md, session 16.)"""
+    prompt, answer, adds = read_statement(statement)
+    return NewFact(prompt=prompt, answer=answer, adds=adds)
 
 
 def statement_facts(statement: str) -> list[NewFact]:

@@ -126,9 +126,8 @@ _NAME_JOIN = ("and", "&", "of", "de", "la", "le", "van", "von", "da", "del", "du
 def fix_first_person_case(s: str) -> str:
     """The pronoun "i" ("i", "i'm", "i've", "i'd", "i'll", "im", "ive") in upper case, and a
     first word of lower-case letters capitalised ("my" -> "My"; "eBay", "w30" stay): "i live in
-    lyon" -> "I live in lyon", "im a nurse" -> "I'm a nurse". A statement's prompt gets it
-    (memory.facade.statement_fact: the model says "I live in", so replies open with the prompt's
-    own words), and so does a chat turn's clause (text.statements)."""
+    lyon" -> "I live in lyon", "im a nurse" -> "I'm a nurse". The chat-turn fact rules
+    (text.statements) normalise a clause with it; a statement given to `remember` keeps its case."""
     s = re.sub(r"\bi\b(?!')", "I", s)
     s = re.sub(r"\bi'(m|ve|d|ll)\b", lambda m: "I'" + m.group(1), s, flags=re.IGNORECASE)
     s = re.sub(r"\b[Ii]m\b", "I'm", s)
@@ -263,8 +262,7 @@ def split_statement(statement: str) -> tuple[str, str]:
     is no such colon); otherwise the answer is what follows the LAST linking word - a copula
     (is, are, was, were, am, 'm, 're), a preposition (in, at, on, by, to, from, for, with, of,
     as, into, near), "named"/"called", or a lower-case article (a, an, the). The prompt is
-    everything up to and including that word. Case is kept as typed (memory.facade.statement_fact
-    writes "i live in" as "I live in" too). Examples:
+    everything up to and including that word. Case is kept as typed. Examples:
     "My doctor is Dr. Krause." -> ("My doctor is", "Dr. Krause"); "I live in Portland" -> ("I live in",
     "Portland"); "My usual coffee order is a cortado." -> ("My usual coffee order is a",
     "cortado"); "I have a cat named Figaro" -> ("I have a cat named", "Figaro"); "Btw, I drive
